@@ -1,0 +1,229 @@
+"""Data for every workload: `datasets` loading (hub name, local dir, json/jsonl/csv/txt files, the embedded
+demo corpus), the tokenizer (a pretrained one, or a byte-level BPE trained here on the training text),
+tokenization, dynamic padding, synthetic token batches for benchmarks, and a resumable batch order.
+
+The batch order is a pure function of (seed, epoch, global sample offset), so a run resumed on a different
+world size continues at the same sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from dsfleet.cli import fail
+
+SPECIALS = ["<pad>", "</s>", "<unk>"]  # T5 ids: pad 0, eos 1, unk 2 — shared by every locally made tokenizer
+EMBEDDED = "embedded"  # --dataset_name embedded: the corpus shipped in dsfleet/embedded/
+
+
+def embedded_files(task: str) -> dict[str, str]:
+    root = resources.files("dsfleet") / "embedded"
+    stem = "translation" if task == "translation" else "text"
+    return {split: str(root / f"{stem}_{split}.jsonl") for split in ("train", "validation", "test")}
+
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
+
+
+def load_raw(spec) -> dict[str, Any]:
+    """The raw splits as `datasets` objects: {'train': ..., 'validation': ..., 'test': ...} (those present)."""
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    if spec.dataset_name == EMBEDDED:
+        files, builder = embedded_files(spec.task), "json"
+    elif spec.train_file or spec.validation_file or spec.test_file:
+        files = {k: v for k, v in (("train", spec.train_file), ("validation", spec.validation_file),
+                                   ("test", spec.test_file)) if v}
+        for split, path in files.items():
+            if not Path(path).is_file():
+                fail(f"--{split}_file {path} not found — pass an existing file")
+        exts = {Path(p).suffix for p in files.values()}
+        if len(exts) != 1 or not exts <= set(_BUILDERS):
+            fail(f"data files must share one of the extensions {', '.join(_BUILDERS)} (got {', '.join(sorted(exts))})")
+        builder = _BUILDERS[exts.pop()]
+    elif spec.dataset_name:
+        try:
+            loaded = datasets.load_dataset(spec.dataset_name, spec.dataset_config_name)
+        except Exception as e:  # hub unreachable, unknown name, bad local dir: all one line
+            fail(f"cannot load dataset {spec.dataset_name!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}) "
+                 "— pass a local dir or --train_file/--validation_file, or --dataset_name embedded")
+        return dict(loaded)
+    else:
+        fail("no data given — pass --dataset_name NAME|DIR, --train_file FILE, --dataset_name embedded, "
+             "or --synthetic_data")
+    try:
+        return dict(datasets.load_dataset(builder, data_files=files))
+    except Exception as e:
+        fail(f"cannot read data files ({type(e).__name__}: {str(e).splitlines()[0][:160]}) — check their format")
+
+
+def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int, save_dir: Path):
+    """A byte-level BPE trained on the run's own training text (no hub needed), saved for resume/export."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(save_dir)
+    return fast
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        fail(f"cannot load a tokenizer from {path!r} ({type(e).__name__}) — pass a local dir with tokenizer files")
+
+
+def training_texts(spec, raw) -> Iterator[str]:
+    for row in raw["train"]:
+        if spec.task == "translation":
+            t = row["translation"]
+            yield t[spec.source_lang]
+            yield t[spec.target_lang]
+        else:
+            yield row[spec.text_column]
+
+
+def check_columns(spec, raw) -> None:
+    for split, ds in raw.items():
+        if spec.task == "translation":
+            if "translation" not in ds.column_names:
+                fail(f"{split} data has no 'translation' column (columns: {', '.join(ds.column_names)}) — "
+                     f"rows must look like {{\"translation\": {{\"{spec.source_lang}\": ..., \"{spec.target_lang}\": ...}}}}")
+            first = ds[0]["translation"] if len(ds) else {}
+            for lang in (spec.source_lang, spec.target_lang):
+                if lang not in first:
+                    fail(f"{split} data has no language {lang!r} in 'translation' (has {', '.join(first) or 'nothing'}) "
+                         "— fix --source_lang/--target_lang")
+        elif spec.text_column not in ds.column_names:
+            fail(f"{split} data has no {spec.text_column!r} column (columns: {', '.join(ds.column_names)}) — "
+                 "pass --text_column")
+
+
+def tokenize(spec, raw, tokenizer) -> dict[str, Any]:
+    """Tokenized splits: seq2seq rows {input_ids, labels}; causal-LM rows are fixed `block_size` chunks."""
+    out = {}
+    for split, ds in raw.items():
+        limit = {"train": spec.max_train_samples, "validation": spec.max_eval_samples,
+                 "test": spec.max_predict_samples}[split] if split in ("train", "validation", "test") else None
+        if limit:
+            ds = ds.select(range(min(limit, len(ds))))
+        if spec.task == "translation":
+            prefix = spec.source_prefix or ""
+
+            def encode(batch):
+                src = [prefix + t[spec.source_lang] for t in batch["translation"]]
+                tgt = [t[spec.target_lang] for t in batch["translation"]]
+                enc = tokenizer(src, max_length=spec.max_source_length, truncation=True)
+                enc["labels"] = tokenizer(text_target=tgt, max_length=spec.max_target_length, truncation=True)["input_ids"]
+                return {"input_ids": enc["input_ids"], "labels": enc["labels"]}
+        else:
+            block = spec.block_size
+
+            def encode(batch):
+                ids = [i for text in batch[spec.text_column] for i in _with_eos(tokenizer(text)["input_ids"], tokenizer)]
+                n = len(ids) // block * block
+                return {"input_ids": [ids[i:i + block] for i in range(0, n, block)]}
+        out[split] = ds.map(encode, batched=True, remove_columns=ds.column_names, keep_in_memory=True,
+                            batch_size=1000 if spec.task == "translation" else 100_000)
+    return out
+
+
+def _with_eos(ids: list[int], tokenizer) -> list[int]:
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+
+
+class SyntheticTokens(torch.utils.data.Dataset):
+    """Random token ids at fixed lengths, deterministic per index: benchmarks and memory measurements."""
+
+    def __init__(self, n: int, vocab: int, seq2seq: bool, src_len: int, tgt_len: int, seed: int):
+        self.n, self.vocab, self.seq2seq, self.src_len, self.tgt_len, self.seed = n, vocab, seq2seq, src_len, tgt_len, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        ids = torch.randint(3, self.vocab, (self.src_len,), generator=g).tolist()
+        if not self.seq2seq:
+            return {"input_ids": ids}
+        return {"input_ids": ids, "labels": torch.randint(3, self.vocab, (self.tgt_len,), generator=g).tolist()}
+
+
+@dataclass
+class Collator:
+    """Dynamic padding to the longest row of the batch (labels padded with -100, ignored by the loss)."""
+    pad_id: int
+    seq2seq: bool
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        def pad(seqs, value):
+            width = max(len(s) for s in seqs)
+            return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+        ids = pad([r["input_ids"] for r in rows], self.pad_id)
+        batch = {"input_ids": ids, "attention_mask": (ids != self.pad_id).long() if self.seq2seq else torch.ones_like(ids)}
+        batch["labels"] = pad([r["labels"] for r in rows], -100) if self.seq2seq else ids.clone()
+        return batch
+
+
+class ResumableOrder:
+    """Which samples each rank reads: epoch e shuffles all n samples with seed+e; each optimizer micro-step
+    takes the next `micro * world` samples of that order, rank r the r-th slice. Position = (epoch, offset)."""
+
+    def __init__(self, n: int, micro: int, rank: int, world: int, seed: int, shuffle: bool = True):
+        if n < micro * world:
+            fail(f"only {n} training samples for micro batch {micro} x world size {world} — "
+                 "give more data or a smaller --per_device_train_batch_size")
+        self.n, self.micro, self.rank, self.world, self.seed, self.shuffle = n, micro, rank, world, seed, shuffle
+        self.epoch, self.offset = 0, 0
+
+    @property
+    def micro_steps_per_epoch(self) -> int:
+        return self.n // (self.micro * self.world)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        if self.offset + self.micro * self.world > self.n:  # a different world size may not fit the tail
+            self.epoch, self.offset = self.epoch + 1, 0
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            order = self._order()
+            while self.offset + self.micro * self.world <= self.n:
+                start = self.offset + self.rank * self.micro
+                self.offset += self.micro * self.world
+                yield order[start:start + self.micro]
+            self.epoch, self.offset = self.epoch + 1, 0
+
+
+def eval_batches(ds, batch_size: int, rank: int, world: int) -> Iterator[list[int]]:
+    """Evaluation shards: every rank gets the same number of batches (the last padded by repetition), so
+    collective ops inside forward (ZeRO-3 gathers) stay in step."""
+    idx = list(range(len(ds)))
+    per_rank = -(-len(idx) // world)
+    mine = idx[rank * per_rank:(rank + 1) * per_rank] or idx[:1]
+    mine += [mine[-1]] * (per_rank - len(mine))
+    for i in range(0, per_rank, batch_size):
+        yield mine[i:i + batch_size]

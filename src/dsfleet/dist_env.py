@@ -1,0 +1,118 @@
+"""Rank discovery for every launcher dsfleet supports, in one place.
+
+The same `python -m dsfleet.train` runs under the deepspeed launcher and torchrun (they export RANK etc.),
+a Kubernetes Indexed Job (torchrun-style env rendered from JOB_COMPLETION_INDEX), `srun` (SLURM_* of the
+step), `mpirun` (OpenMPI's OMPI_COMM_WORLD_* and MPICH's PMI_*; the master address comes from rank 0 via
+mpi4py) and a plain single process. `discover()` is pure over an env mapping so each mapping is testable.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from dsfleet.cli import fail
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # which launcher's env this came from
+
+    def as_environ(self) -> dict[str, str]:
+        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
+                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    m = re.match(r"([^,\[]*)(?:\[([^\]]+)\])?([^,]*)", nodelist.strip())
+    if not m or not m.group(0):
+        fail(f"cannot read a host from SLURM_JOB_NODELIST={nodelist!r} — set MASTER_ADDR explicitly")
+    prefix, ranges, suffix = m.groups()
+    if not ranges:
+        return prefix + suffix
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        fail(f"{key}={env[key]!r} is not an integer — fix the launcher environment")
+
+
+def _port(env: Mapping[str, str], default: int = DEFAULT_PORT) -> int:
+    return _int(env, "MASTER_PORT") if "MASTER_PORT" in env else default
+
+
+def discover(env: Mapping[str, str] | None = None,
+             mpi_master: Callable[[], str] | None = None) -> DistEnv:
+    """Map whatever launcher env is present onto rank/world/local rank/master. Bad env -> one line, exit 2."""
+    env = os.environ if env is None else env
+    rank_keys = [k for k in ("RANK", "WORLD_SIZE") if k in env]
+    if len(rank_keys) == 1:
+        missing = {"RANK", "WORLD_SIZE"} - set(rank_keys)
+        fail(f"{rank_keys[0]} is set but {missing.pop()} is not — set both (torchrun/deepspeed do) or neither")
+    if rank_keys:  # deepspeed launcher, torchrun, k8s pods (rendered env), or a user who set them
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        master = env.get("MASTER_ADDR")
+        if world > 1 and not master:
+            fail("WORLD_SIZE > 1 but MASTER_ADDR is not set — export the address of rank 0")
+        return _checked(DistEnv(rank, world, local, master or "127.0.0.1", _port(env), "env"))
+    if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:  # mpirun (OpenMPI or MPICH/Intel MPI)
+        ompi = "OMPI_COMM_WORLD_RANK" in env
+        rank = _int(env, "OMPI_COMM_WORLD_RANK" if ompi else "PMI_RANK")
+        world = _int(env, "OMPI_COMM_WORLD_SIZE" if ompi else "PMI_SIZE")
+        local_key = "OMPI_COMM_WORLD_LOCAL_RANK" if ompi else "MPI_LOCALRANKID"
+        local = _int(env, local_key) if local_key in env else 0
+        local_size = env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or env.get("MPI_LOCALNRANKS")
+        if "MASTER_ADDR" in env:
+            master = env["MASTER_ADDR"]
+        elif local_size and int(local_size) == world:
+            master = "127.0.0.1"  # every rank on this host
+        elif mpi_master is not None:
+            master = mpi_master()
+        else:
+            fail("mpirun across hosts needs mpi4py (pip install mpi4py) or MASTER_ADDR — provide one")
+        return _checked(DistEnv(rank, world, local, master, _port(env), "openmpi" if ompi else "mpich"))
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # a task of an srun step
+        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS")
+        local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        master = env.get("MASTER_ADDR") or first_host(nodelist)
+        job_port = DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000  # distinct jobs sharing a node
+        return _checked(DistEnv(rank, world, local, master, _port(env, job_port), "slurm"))
+    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), _port(env), "single")
+
+
+def _checked(d: DistEnv) -> DistEnv:
+    if d.world_size < 1 or not 0 <= d.rank < d.world_size:
+        fail(f"rank {d.rank} is outside world size {d.world_size} ({d.source} env) — fix the launcher environment")
+    if d.local_rank < 0:
+        fail(f"local rank {d.local_rank} is negative ({d.source} env) — fix the launcher environment")
+    return d
+
+
+def mpi4py_master() -> str:
+    """Rank 0's address, broadcast over MPI (mpirun across hosts without MASTER_ADDR)."""
+    from mpi4py import MPI
+
+    host = socket.gethostbyname(socket.gethostname()) if MPI.COMM_WORLD.Get_rank() == 0 else None
+    return MPI.COMM_WORLD.bcast(host, root=0)
+
+
+def setup() -> DistEnv:
+    """Discover and export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for torch.distributed."""
+    d = discover(os.environ, mpi_master=mpi4py_master)
+    os.environ.update(d.as_environ())
+    return d
