@@ -66,14 +66,20 @@ def train(spec) -> int:
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
                                verbose=False)
     import torch.distributed as dist
+    raw = None if spec.synthetic_data else data.load_raw(spec)  # data errors surface before anything is written
+    if raw is not None:
+        if "train" not in raw and spec.do_train:
+            fail("the dataset has no 'train' split — pass --train_file or a dataset with a train split")
+        data.check_columns(spec, raw)
+    resume_dir = checkpoint.find(resume_request, out) if resume_request else None
+    dist.barrier()
     if is_main:
         prepare_output_dir(out, spec)
     dist.barrier()
-    resume_dir = checkpoint.find(resume_request, out) if resume_request else None
     seed_everything(spec.seed)
 
     # ---- 3. data and tokenizer -------------------------------------------------------------------------
-    tokenizer, splits = load_data(spec, model_source, out, is_main, dist)
+    tokenizer, splits = load_data(spec, model_source, raw, out, is_main, dist)
     seq2seq = model_source.family == "t5"
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
     collate = data.Collator(pad_id=pad_id, seq2seq=seq2seq)
@@ -330,10 +336,10 @@ def print_plan(spec, model_source, ds_config: dict, world_size: int) -> None:
     print("# memory plan\n" + planner.format_plan(plan))
 
 
-def load_data(spec, model_source, out: Path, is_main: bool, dist):
+def load_data(spec, model_source, raw, out: Path, is_main: bool, dist):
     """Tokenizer + tokenized splits. A locally trained tokenizer is made once by rank 0 and kept in the run dir."""
     from dsfleet import data
-    if spec.synthetic_data:
+    if raw is None:
         vocab = int(model_source.preset.config.get("vocab_size", 32128))
         seq2seq = model_source.family == "t5"
         src = spec.max_source_length if seq2seq else spec.block_size
@@ -341,10 +347,6 @@ def load_data(spec, model_source, out: Path, is_main: bool, dist):
         ds = data.SyntheticTokens(n, vocab, seq2seq, src, spec.max_target_length, spec.seed)
         return None, {"train": ds, "validation": data.SyntheticTokens(64, vocab, seq2seq, src, spec.max_target_length,
                                                                      spec.seed + 1)}
-    raw = data.load_raw(spec)
-    if "train" not in raw and spec.do_train:
-        fail("the dataset has no 'train' split — pass --train_file or a dataset with a train split")
-    data.check_columns(spec, raw)
     local_tok = out / "tokenizer"
     source = spec.tokenizer_name or (spec.model_name_or_path if not spec.from_scratch else None)
     if source:
@@ -378,6 +380,9 @@ def build_model(spec, model_source, tokenizer, ds_config: dict, zero_stage: int,
     keep_alive = None
     if zero_stage == 3:  # partition at construction: a model larger than one device never materialises whole
         import deepspeed
+        import torch._dynamo  # noqa: F401 — imported inside zero.Init, its polyfills trip over the patched Tensor.__new__
+        from dsfleet.models import family
+        family(model_source.family)  # import the model classes outside the patched context too
         if spec.from_scratch:
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
                 return load_model(model_source.preset, None, True, overrides, spec.gradient_checkpointing)
