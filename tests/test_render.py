@@ -1,0 +1,372 @@
+"""`dsfleet render`: the committed launch files are exactly what rendering gives (drift), each is valid for the tool
+that reads it (kubernetes-validate --strict, shellcheck, DeepSpeed's own hostfile reader, the Slurm directives the
+issue asks for), the templates share their pieces instead of copying them, and bad input is one line, exit 2, with
+nothing written. Running the files is tests/test_k8s_launch.py's and tests/test_slurm_jobs.py's job."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import jinja2
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+
+from dsfleet import cli, render
+from tests.launch import REPO, VENV_BIN
+
+# the oldest Kubernetes the files claim (podFailurePolicy GA; podReplacementPolicy beta, on by default) and the
+# newest schema kubernetes-validate ships (a current release)
+K8S_VERSIONS = ("1.31.0", latest_version())
+COMMITTED_DIRS = ("slurm", "k8s", "hostfiles")
+
+
+def committed_files() -> dict[str, str]:
+    files = {}
+    for d in COMMITTED_DIRS:
+        for p in sorted((REPO / d).rglob("*")):
+            if p.is_file() and p.name != ".gitkeep":
+                files[str(p.relative_to(REPO))] = p.read_text()
+    return files
+
+
+def dsfleet(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "dsfleet"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, str]:
+    out = tmp_path_factory.mktemp("all")
+    proc = dsfleet("render", "--all", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return {str(p.relative_to(out)): p.read_text() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------------ drift
+
+
+def test_committed_set_is_what_rendering_gives(rendered):
+    committed = committed_files()
+    assert sorted(rendered) == sorted(committed), "committed set differs in files — run `make render` and commit"
+    stale = [name for name in rendered if rendered[name] != committed[name]]
+    assert not stale, f"{', '.join(stale)} differ from `dsfleet render --all` — run `make render` and commit"
+
+
+def test_the_committed_set_is_the_issue_s(rendered):
+    names = set(rendered)
+    for stem in ("t5_small", "t5_3b", "t5_11b", "gpt2_xl", "mamba7b"):
+        assert f"slurm/{stem}.sbatch" in names and f"hostfiles/{stem}" in names
+    assert {n for n in names if n.startswith("k8s/")} == {"k8s/t5_3b.yaml", "k8s/mamba7b.yaml"}
+
+
+def test_each_header_command_reproduces_its_file(tmp_path):
+    """The `Rendered by` line of every committed file is a command that gives that file byte for byte."""
+    for name, text in committed_files().items():
+        m = re.search(r"^# Rendered by `(dsfleet render .+)`$", text, re.M)
+        assert m, f"{name} has no Rendered-by line"
+        out = tmp_path / name.replace("/", "_")
+        argv = shlex.split(m.group(1))[2:]
+        assert cli.main(["render", *argv, "--out", str(out)] if "--" not in argv else
+                        ["render", *argv[:argv.index("--")], "--out", str(out), *argv[argv.index("--"):]]) == 0
+        assert (out / name).read_text() == text, f"{name}: its header command renders something else"
+
+
+def test_rendering_is_deterministic_and_sbatch_is_executable(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert cli.main(["render", "--all", "--out", str(out)]) == 0
+    assert {p.relative_to(a): p.read_bytes() for p in a.rglob("*") if p.is_file()} == \
+        {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    assert all(p.stat().st_mode & 0o111 for p in (a / "slurm").glob("*.sbatch"))
+
+
+# ------------------------------------------------------------------------------------------------ validity
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_validate_strict_passes_on_every_k8s_yaml(version):
+    files = sorted((REPO / "k8s").glob("*.yaml"))
+    assert files
+    proc = subprocess.run([str(VENV_BIN / "kubernetes-validate"), "--strict", "--kubernetes-version", version,
+                           *map(str, files)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "WARN" not in proc.stdout + proc.stderr and "ERROR" not in proc.stdout + proc.stderr
+    for f in files:  # ConfigMap, PVC, Service and Job each validated
+        for kind in ("configmap", "persistentvolumeclaim", "service", "job"):
+            assert re.search(rf"{re.escape(str(f))} passed for resource {kind}/", proc.stdout), (f, kind, proc.stdout)
+
+
+def _shellcheck(paths: list[Path]) -> subprocess.CompletedProcess:
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (make sysdeps installs it)")
+    return subprocess.run(["shellcheck", "--shell=bash", *map(str, paths)], capture_output=True, text=True, timeout=120)
+
+
+def test_shellcheck_passes_on_every_sbatch_and_pod_launcher(tmp_path):
+    scripts = sorted((REPO / "slurm").glob("*.sbatch"))
+    assert scripts
+    for f in sorted((REPO / "k8s").glob("*.yaml")):  # the launcher each pod runs, from the ConfigMap
+        (cm,) = [d for d in yaml.safe_load_all(f.read_text()) if d and d["kind"] == "ConfigMap"]
+        scripts.append(tmp_path / f"{f.stem}-launch.sh")
+        scripts[-1].write_text(cm["data"]["launch.sh"])
+    proc = _shellcheck(scripts)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_hostfiles_read_by_deepspeed_and_dsfleet():
+    from deepspeed.launcher.runner import _parse_hostfile
+    from dsfleet.hostfile import read_hostfile
+    for f in sorted((REPO / "hostfiles").iterdir()):
+        sbatch = (REPO / "slurm" / f"{f.name}.sbatch").read_text()
+        nodes = int(re.search(r"--nodes=(\d+)", sbatch).group(1))
+        gpus = int(re.search(r"--gpus-per-node=(\d+)", sbatch).group(1))
+        pool = _parse_hostfile(f.read_text().splitlines())  # DeepSpeed's own reader
+        assert list(pool.values()) == [gpus] * nodes, (f.name, pool)
+        assert [(e.host, e.slots) for e in read_hostfile(f, gpus)] == list(pool.items())
+        assert "StrictHostKeyChecking" not in f.read_text()
+
+
+def sbatch_directives(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^#SBATCH --([a-z-]+)(?:=(\S+))?$", text, re.M))
+
+
+def test_slurm_scripts_carry_what_the_issue_asks():
+    for f in sorted((REPO / "slurm").glob("*.sbatch")):
+        text = f.read_text()
+        d = sbatch_directives(text)
+        for key in ("nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time", "output", "requeue", "signal"):
+            assert key in d, (f.name, key)
+        assert d["ntasks-per-node"] == d["gpus-per-node"]  # one task per GPU
+        assert re.fullmatch(r"B:USR1@\d+", d["signal"]) and re.fullmatch(r"\d+:\d\d:\d\d", d["time"])
+        assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in text  # master from the allocation
+        assert "--resume_from_checkpoint auto" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+        assert "--container-image" in text and "apptainer exec" in text  # pyxis / apptainer options
+        assert text.count("NCCL_SOCKET_IFNAME=") == 1  # the knobs in one place
+        assert "StrictHostKeyChecking" not in text and not re.search(r"(?i)(password|secret|token)=", text)
+
+
+def k8s_docs(path: Path) -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all(path.read_text()) if d}
+
+
+def test_k8s_jobs_carry_what_the_issue_asks():
+    for f in sorted((REPO / "k8s").glob("*.yaml")):
+        docs = k8s_docs(f)
+        job, svc, cm, pvc = docs["Job"], docs["Service"], docs["ConfigMap"], docs["PersistentVolumeClaim"]
+        spec = job["spec"]
+        nodes = spec["completions"]
+        assert spec["completionMode"] == "Indexed" and spec["parallelism"] == nodes
+        assert spec["backoffLimit"] >= 1 and spec["podFailurePolicy"]["rules"]
+        assert svc["spec"]["clusterIP"] == "None"
+        pod = spec["template"]["spec"]
+        assert pod["subdomain"] == svc["metadata"]["name"] and pod["restartPolicy"] == "Never"
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        (c,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["MASTER_ADDR"] == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"
+        per_node = int(c["resources"]["limits"]["nvidia.com/gpu"])
+        assert int(env["WORLD_SIZE"]) == nodes * per_node and int(env["NPROC_PER_NODE"]) == per_node
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        vols = {v["name"]: v for v in pod["volumes"]}
+        assert vols[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        assert vols[mounts["/checkpoints"]]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+        assert env["DSFLEET_OUTPUT_DIR"].startswith("/checkpoints/")
+        assert vols[mounts["/etc/dsfleet"]]["configMap"]["name"] == cm["metadata"]["name"]
+        # the ConfigMap's DeepSpeed config is the one the pods train with, sized for this world
+        ds = json.loads(cm["data"]["ds_config.json"])
+        args = c["args"]
+        assert args[args.index("--deepspeed") + 1] == "/etc/dsfleet/ds_config.json"
+        assert ds["train_batch_size"] == (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+                                          * nodes * per_node)
+        assert ds["zero_optimization"]["stage"] == int(args[args.index("--zero") + 1])
+        assert ds.get("bf16", {}).get("enabled") is True  # both committed Jobs train in bf16
+        assert "StrictHostKeyChecking" not in f.read_text() and "kind: Secret" not in f.read_text()
+
+
+def test_mpijob_flavour(tmp_path):
+    """The Kubeflow MPIJob option: no schema for the CRD in kubernetes-validate, so its ConfigMap and PVC are validated
+    as they are and each pod template strictly as a core PodTemplate."""
+    assert cli.main(["render", "--preset", "t5_11b", "--target", "mpijob", "--nodes", "2", "--gpus-per-node", "8",
+                     "--out", str(tmp_path), "--", "--from_scratch", "--zero", "3", "--bf16"]) == 0
+    docs = k8s_docs(tmp_path / "k8s" / "mpijob" / "t5_11b.yaml")
+    mpi = docs["MPIJob"]
+    assert mpi["apiVersion"] == "kubeflow.org/v2beta1" and mpi["spec"]["slotsPerWorker"] == 8
+    replicas = mpi["spec"]["mpiReplicaSpecs"]
+    assert replicas["Worker"]["replicas"] == 2 and replicas["Launcher"]["replicas"] == 1
+    launcher_args = replicas["Launcher"]["template"]["spec"]["containers"][0]["args"]
+    assert launcher_args[:2] == ["-np", "16"] and "dsfleet.train" in launcher_args
+    core = [docs["ConfigMap"], docs["PersistentVolumeClaim"]] + [
+        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"mpijob-{role.lower()}"},
+         "template": spec["template"]} for role, spec in replicas.items()]
+    check = tmp_path / "core.yaml"
+    check.write_text(yaml.safe_dump_all(core))
+    for version in K8S_VERSIONS:
+        proc = subprocess.run([str(VENV_BIN / "kubernetes-validate"), "--strict", "--kubernetes-version", version,
+                               str(check)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "WARN" not in proc.stdout, proc.stdout + proc.stderr
+
+
+FAKE_TRAIN = """#!/bin/bash
+# stands in for `python -m dsfleet.train`: logs its rank and args, exits 75 on TERM/USR1 (checkpoint saved)
+trap 'echo "rank $RANK got TERM" >> "$LOG"; exit 75' TERM
+trap 'echo "rank $RANK got USR1" >> "$LOG"; exit 75' USR1
+if [ "$FAKE_MODE" = crash ] && [ "$LOCAL_RANK" = 1 ]; then sleep 1; exit 3; fi
+echo "rank $RANK local $LOCAL_RANK world $WORLD_SIZE args $*" >> "$LOG"
+sleep 60 & wait $!
+"""
+
+
+def _launcher(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, Path]:
+    """The pod launcher of the committed t5_3b Job (pod index 1 of a 2-rank-per-pod world), with a fake trainer."""
+    (cm,) = [d for d in yaml.safe_load_all((REPO / "k8s" / "t5_3b.yaml").read_text()) if d and d["kind"] == "ConfigMap"]
+    (tmp_path / "launch.sh").write_text(cm["data"]["launch.sh"])
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text(FAKE_TRAIN)
+    (tmp_path / "bin" / "python").chmod(0o755)
+    log = tmp_path / "ranks.log"
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", LOG=str(log), FAKE_MODE=mode,
+               JOB_COMPLETION_INDEX="1", NPROC_PER_NODE="2", WORLD_SIZE="4", MASTER_ADDR="pod-0.svc",
+               MASTER_PORT="29500", DSFLEET_OUTPUT_DIR="/checkpoints/run")
+    with open(tmp_path / "launcher.out", "w") as out:  # a file, not a pipe: a killed rank's children may hold it
+        return subprocess.Popen(["bash", str(tmp_path / "launch.sh"), "--preset", "t5_3b"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True), log
+
+
+@pytest.fixture
+def stop_group():
+    started = []
+    yield started.append
+    for proc in started:  # whatever a failed assertion left running
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _lines(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_pod_launcher_forwards_preemption_and_exits_75(tmp_path, sig, stop_group):
+    proc, log = _launcher(tmp_path, "run")
+    stop_group(proc)
+    deadline = time.monotonic() + 20
+    while len(_lines(log)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = sorted(_lines(log))
+    assert started == [f"rank {r} local {r - 2} world 4 args -m dsfleet.train --preset t5_3b --output_dir /checkpoints/run "
+                       "--resume_from_checkpoint auto" for r in (2, 3)], started
+    proc.send_signal(sig)
+    assert proc.wait(timeout=20) == 75, (tmp_path / "launcher.out").read_text()
+    assert sorted(_lines(log)[2:]) == [f"rank {r} got {sig.name[3:]}" for r in (2, 3)]
+
+
+def test_pod_launcher_stops_the_peers_of_a_crashed_rank(tmp_path, stop_group):
+    proc, log = _launcher(tmp_path, "crash")
+    stop_group(proc)
+    assert proc.wait(timeout=20) == 3  # the crashed rank's code, not a hang
+    assert "exited 3: stopping the other ranks" in (tmp_path / "launcher.out").read_text()
+    assert not any("got" in line for line in _lines(log))  # killed, not asked to checkpoint with a dead peer
+
+
+# ------------------------------------------------------------------------------------------------ templates
+
+
+def test_templates_share_pieces_instead_of_copying_them():
+    tdir = Path(render.__file__).with_name("templates")
+    texts = {p.name: p.read_text() for p in tdir.iterdir()}
+    # the signal-forwarding / wait logic lives in one file, included by the Slurm script and the pod launcher
+    assert [n for n, t in texts.items() if "wait -n" in t or "trap " in t] == ["_supervise.j2"]
+    for n in ("slurm.sbatch.j2", "k8s_launch.sh.j2"):
+        assert all(f"{{{{ {m}() }}}}" in texts[n] for m in ("forward_signals", "wait_for_ranks")), n
+    # the fabric knobs are one list; every backend prints it through a macro
+    assert [n for n, t in texts.items() if "NCCL_SOCKET_IFNAME" in t] == ["_common.j2"]
+    # pod security, volumes and the ConfigMap are written once for the Job and the MPIJob
+    assert [n for n, t in texts.items() if "runAsNonRoot" in t] == ["_k8s.j2"]
+
+
+def test_templates_are_strict():
+    env = render.environment()
+    assert env.undefined is jinja2.StrictUndefined
+    with pytest.raises(jinja2.UndefinedError):
+        env.get_template("slurm.sbatch.j2").render(r={})
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+BAD = {
+    "unknown target": (["--preset", "t5_3b", "--target", "pbs", "--nodes", "1", "--gpus-per-node", "8"],
+                       "unknown target 'pbs'"),
+    "zero nodes": (["--preset", "t5_3b", "--target", "slurm", "--nodes", "0", "--gpus-per-node", "8"],
+                   "--nodes 0: needs at least 1"),
+    "gpus over 16": (["--preset", "t5_3b", "--target", "slurm", "--nodes", "1", "--gpus-per-node", "17"],
+                     "no node has more than 16 GPUs"),
+    "nodes not a number": (["--preset", "t5_3b", "--target", "k8s", "--nodes", "two", "--gpus-per-node", "8"],
+                           "--nodes 'two' is not a whole number"),
+    "unknown preset": (["--preset", "t5_giant", "--target", "slurm", "--nodes", "1", "--gpus-per-node", "8"],
+                       "unknown preset 't5_giant'"),
+    "bad time": (["--preset", "t5_3b", "--target", "slurm", "--nodes", "1", "--gpus-per-node", "8", "--time", "2d"],
+                 "--time '2d' is not HH:MM:SS"),
+    "flag the files own": (["--preset", "t5_3b", "--target", "slurm", "--nodes", "1", "--gpus-per-node", "8", "--",
+                            "--from_scratch", "--output_dir", "/x"], "--output_dir is set by the launch files"),
+    "no weights": (["--preset", "t5_3b", "--target", "slurm", "--nodes", "1", "--gpus-per-node", "8"],
+                   "no weights given"),
+    "bad train flag": (["--preset", "t5_3b", "--target", "slurm", "--nodes", "1", "--gpus-per-node", "8", "--",
+                        "--from_scratch", "--zero", "5"], "--zero"),
+    "all with sizes": (["--all", "--nodes", "2"], "--all renders the committed set"),
+    "unknown option": (["--preset", "t5_3b", "--target", "slurm", "--nodes", "1", "--gpus-per-node", "8", "--gpu", "8"],
+                       "unrecognized arguments"),
+}
+HOSTFILES = {  # malformed hostfile lines: the validator names the line
+    "no slots": ("node-0 slots=8\nnode-1\n", ":2: host node-1 has no slots"),
+    "duplicate host": ("node-0 slots=8\nnode-0 slots=8\n", ":2: host node-0 is listed twice"),
+    "bad slots": ("node-0 slots=eight\n", ":1: slots='eight'"),
+    "zero slots": ("node-0 slots=0\n", ":1: slots=0"),
+    "spaces around =": ("node-0 slots = 8\n", ":1:"),
+    "slots over the GPUs": ("node-0 slots=8\nnode-1 slots=16\n", ":2: node-1 has slots=16 but only 8 GPU(s)"),
+}
+
+
+def _one_line_exit_2(args: list[str], out: Path, words: str) -> None:
+    proc = dsfleet("render", *args[:args.index("--")] if "--" in args else args, "--out", str(out),
+                   *args[args.index("--"):] if "--" in args else [])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert words in lines[0], lines[0]
+    assert " — " in lines[0] or "flag --zero: Input should be" in lines[0], lines[0]  # spec.py's wording has no fix
+    assert not out.exists(), "bad input wrote files"
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2(case, tmp_path):
+    args, words = BAD[case]
+    _one_line_exit_2(args, tmp_path / "out", words)
+
+
+@pytest.mark.parametrize("case", list(HOSTFILES))
+def test_malformed_hostfile_is_one_line_exit_2(case, tmp_path):
+    text, words = HOSTFILES[case]
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(text)
+    _one_line_exit_2(["--preset", "t5_3b", "--target", "all", "--hostfile", str(hostfile), "--gpus-per-node", "8",
+                      "--", "--from_scratch"], tmp_path / "out", f"{hostfile}{words}")  # file:line: what is wrong
+
+
+def test_a_good_hostfile_sizes_the_job(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two of our nodes\ngpu-a slots=4\ngpu-b slots=4  # half of it\n")
+    assert cli.main(["render", "--preset", "t5_3b", "--target", "all", "--hostfile", str(hostfile), "--gpus-per-node",
+                     "8", "--out", str(tmp_path), "--", "--from_scratch"]) == 0
+    d = sbatch_directives((tmp_path / "slurm" / "t5_3b.sbatch").read_text())
+    assert (d["nodes"], d["ntasks-per-node"], d["gpus-per-node"]) == ("2", "4", "4")
+    assert (tmp_path / "hostfiles" / "t5_3b").read_text().endswith("gpu-a slots=4\ngpu-b slots=4\n")

@@ -1,0 +1,185 @@
+"""The Slurm batch script `dsfleet render --target slurm` writes, submitted with `sbatch` to the real local Slurm
+cluster (tests/slurm_cluster.py: slurmctld + 2 slurmd on this host, no mocks).
+
+The script is the one template every slurm/*.sbatch comes from, rendered for the tiny preset in CPU mode (`--cpu`:
+ntasks-per-node = ranks, no GPU request, DS_ACCELERATOR=cpu): `srun` starts 2 tasks of `python -m dsfleet.train`,
+which find their ranks from SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID and rank 0's address from the
+allocation's nodelist, and train as 2 real DeepSpeed ranks over gloo.
+
+- a plain run ends COMPLETED with metrics and checkpoints in its run dir ($DSFLEET_OUTPUT_ROOT/<job name>-<job id>);
+- preemption, both ways Slurm does it: the USR1 that `--signal=B:USR1@N` sends before the time limit (delivered on
+  demand with `scancel --signal=USR1 --batch`), and `scontrol requeue` from outside (TERM to every process). Either
+  way the ranks save a checkpoint and exit 75, the job is requeued (by the script itself after USR1), starts again
+  with SLURM_RESTART_COUNT=1, resumes from the checkpoint and ends COMPLETED; the losses after the resume equal the
+  uninterrupted run's at the same steps (same seed; measured equal to ~1e-6, asserted within RTOL);
+- 2 nodes x 1 rank: the ranks on two slurmd nodes meet at the first host of the nodelist;
+- every committed slurm/*.sbatch is accepted by the controller (`sbatch --test-only`).
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch import REPO, VENV_BIN, losses
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(420)]
+
+MAX_STEPS = 40
+SAVE_STEPS = 10
+RTOL = 1e-4  # losses after a resume vs the uninterrupted run, relative
+FLAGS = ["--from_scratch", "--dataset_name", "embedded", "--max_steps", str(MAX_STEPS), "--per_device_train_batch_size",
+         "16", "--logging_steps", "1", "--save_steps", str(SAVE_STEPS), "--zero", "2", "--seed", "42", "--no_progress"]
+JOB_TIMEOUT = 240  # s for one job to reach its final state, restarts included
+
+
+def render(out: Path, nodes: int, ranks: int) -> Path:
+    proc = subprocess.run([str(VENV_BIN / "dsfleet"), "render", "--preset", "t5_tiny", "--target", "slurm", "--nodes",
+                           str(nodes), "--gpus-per-node", str(ranks), "--cpu", "--time", "00:15:00", "--signal-lead",
+                           "60", "--out", str(out), "--", *FLAGS], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return out / "slurm" / "t5_tiny.sbatch"
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> Path:
+    """1 node x 2 CPU ranks: the tiny preset through the same template as slurm/t5_3b.sbatch."""
+    return render(tmp_path_factory.mktemp("render"), 1, 2)
+
+
+class Job:
+    def __init__(self, cluster, script: Path, workdir: Path):
+        self.cluster, self.workdir, self.runs = cluster, workdir, workdir / "runs"
+        env = cluster.env(DSFLEET_PYTHON=sys.executable, DSFLEET_OUTPUT_ROOT=str(self.runs))
+        self.id = cluster.sbatch(script, cwd=workdir, env=env)
+        self.run_dir = self.runs / f"dsfleet-t5-tiny-{self.id}"  # $SLURM_JOB_NAME-$SLURM_JOB_ID
+        self.log = workdir / f"dsfleet-t5-tiny-{self.id}.out"  # --output=%x-%j.out in the submit dir
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def ours(self) -> str:
+        return "\n".join(line for line in self.text().splitlines() if line.startswith(("dsfleet", "srun", "slurmstepd")))
+
+    def steps(self) -> int:
+        path = self.run_dir / "metrics.jsonl"
+        return sum(1 for line in path.read_text().splitlines() if '"loss"' in line) if path.exists() else 0
+
+    def wait_steps(self, n: int, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while self.steps() < n:
+            state = self.cluster.state(self.id)
+            if state not in ("PENDING", "RUNNING", "CONFIGURING"):
+                raise AssertionError(f"job {self.id} is {state} before step {n}\n{self.ours()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {self.id} did not reach step {n} in {timeout:.0f}s\n{self.ours()}\n"
+                                     f"{self.cluster.log_tail()}")
+            time.sleep(0.2)
+
+    def wait(self) -> dict[str, str]:
+        try:
+            return self.cluster.wait_job(self.id, timeout=JOB_TIMEOUT)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- job output\n{self.ours()}") from None
+
+
+@pytest.fixture(scope="module")
+def baseline(slurm_cluster, script, tmp_path_factory):  # noqa: F811
+    """The uninterrupted run: the reference curve for the preemption tests."""
+    job = Job(slurm_cluster, script, tmp_path_factory.mktemp("baseline"))
+    info = job.wait()
+    return job, info
+
+
+def test_tiny_sbatch_runs_to_completed(baseline):
+    job, info = baseline
+    assert info["JobState"] == "COMPLETED" and info.get("ExitCode", "0:0") == "0:0", info
+    out = job.ours()
+    assert f"dsfleet: job {job.id} restart 0" in out and "2 rank(s) via slurm" in out, out
+    loss = losses(job.run_dir)
+    assert sorted(loss) == list(range(1, MAX_STEPS + 1)), sorted(loss)
+    assert sum(loss[s] for s in range(MAX_STEPS - 4, MAX_STEPS + 1)) < 0.5 * sum(loss[s] for s in range(1, 6)), loss
+    ckpt = job.run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == f"step_{MAX_STEPS}"
+    assert (ckpt / f"step_{SAVE_STEPS}" / "COMPLETE").is_file()
+    assert (job.run_dir / "final" / "model.safetensors").is_file()
+
+
+def check_resumed(job: Job, info: dict, baseline_job: Job, signal_words: str) -> None:
+    out = job.ours()
+    assert info["JobState"] == "COMPLETED", info
+    assert info.get("Restarts") in ("1", None), info  # None: read back from the job-completion log
+    assert f"dsfleet: job {job.id} restart 0" in out and f"dsfleet: job {job.id} restart 1" in out, out
+    m = re.search(rf"preempted \((?:{signal_words})\) — checkpoint step (\d+) saved", out)
+    assert m, out
+    saved = int(m.group(1))
+    assert SAVE_STEPS < saved < MAX_STEPS, out
+    assert f"resumed from {job.run_dir}/checkpoints/step_{saved} at step {saved}" in out, out
+    loss, ref = losses(job.run_dir), losses(baseline_job.run_dir)
+    assert sorted(loss) == list(range(1, MAX_STEPS + 1)), sorted(loss)  # every step once, across the restart
+    after = range(saved + 1, MAX_STEPS + 1)
+    off = {s: (loss[s], ref[s]) for s in after if abs(loss[s] - ref[s]) > RTOL * abs(ref[s])}
+    assert not off, f"after the resume at step {saved} the curve departs from the uninterrupted run: {off}"
+    assert (job.run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{MAX_STEPS}"
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, script, baseline, tmp_path):  # noqa: F811
+    """The signal `--signal=B:USR1@N` sends N s before the time limit, delivered now to the batch shell."""
+    job = Job(slurm_cluster, script, tmp_path)
+    job.wait_steps(SAVE_STEPS + 2)  # a periodic checkpoint exists; training is under way
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job.id))
+    info = job.wait()
+    assert f"requeueing job {job.id}" in job.ours(), job.ours()  # the script requeued its own job on exit 75
+    check_resumed(job, info, baseline[0], "SIGUSR1")
+
+
+def test_scontrol_requeue_checkpoints_and_resumes(slurm_cluster, script, baseline, tmp_path):  # noqa: F811
+    """Requeue from outside (an admin, a preemption policy): Slurm sends TERM to every process of the job."""
+    job = Job(slurm_cluster, script, tmp_path)
+    job.wait_steps(SAVE_STEPS + 2)
+    slurm_cluster.run("scontrol", "requeue", str(job.id))
+    info = job.wait()
+    check_resumed(job, info, baseline[0], "SIGTERM|a peer's signal")
+
+
+def test_two_nodes_meet_at_the_first_host_of_the_nodelist(slurm_cluster, tmp_path):  # noqa: F811
+    if len(slurm_cluster.nodes) < 2:
+        pytest.skip("the local cluster has one node on this machine (no second resolvable host name)")
+    script = render(tmp_path / "render", 2, 1)
+    job = Job(slurm_cluster, script, tmp_path)
+    info = job.wait()
+    assert info["JobState"] == "COMPLETED", info
+    out = job.ours()
+    m = re.search(r"restart 0 on (\S+): 2 ranks, master (\S+):\d+", out)
+    assert m, out
+    nodelist = slurm_cluster.run("scontrol", "show", "hostnames", m.group(1)).stdout.split()
+    assert len(nodelist) == 2 and m.group(2) == nodelist[0], out  # rank 0 = the first host of the allocation
+    assert sorted(losses(job.run_dir)) == list(range(1, MAX_STEPS + 1))
+
+
+def test_every_committed_sbatch_passes_test_only(slurm_cluster, script, tmp_path):  # noqa: F811
+    """The controller parses every directive of every committed script. The local cluster has a few CPUs per node
+    and no GPUs, so each GPU script is checked as written (accepted, or refused only for its GPU request) and with
+    its sizes scaled to the cluster (0 GPUs, 1 task of 1 CPU per node), which must be accepted; the CPU-mode tiny
+    script as written."""
+    proc = slurm_cluster.run("sbatch", "--test-only", script, cwd=tmp_path, check=False)
+    assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
+    committed = sorted((REPO / "slurm").glob("*.sbatch"))
+    assert committed, "no committed slurm/*.sbatch"
+    for path in committed:
+        text = path.read_text()
+        nodes = int(re.search(r"^#SBATCH --nodes=(\d+)$", text, re.M).group(1))
+        as_written = slurm_cluster.run("sbatch", "--test-only", path, cwd=tmp_path, check=False)
+        if as_written.returncode != 0:  # a controller without GPUs: the GPU request must be its only objection
+            assert "Invalid generic resource" in as_written.stderr, f"{path.name}: {as_written.stderr}"
+        else:
+            assert "to start at" in as_written.stderr, f"{path.name}: {as_written.stderr}"
+        scaled = slurm_cluster.run("sbatch", "--test-only", "--gpus-per-node=0", "--ntasks-per-node=1",
+                                   "--cpus-per-task=1", f"--nodes={min(nodes, len(slurm_cluster.nodes))}", path,
+                                   cwd=tmp_path, check=False)
+        assert scaled.returncode == 0 and "to start at" in scaled.stderr, f"{path.name}: {scaled.stderr}"
