@@ -14,12 +14,17 @@ sysdeps:
 	bash scripts/install-system-deps.sh
 
 # The bare-metal install: the same script the Docker image RUNs (docker/install.sh).
-$(STAMP): pyproject.toml docker/install.sh
-	test -x $(PY) || python3 -m venv $(VENV)
+# CUDA_ARCH empty = CPU ops (CPU Adam, AIO, shm collective); 8.9, "8.0;9.0", 9.0+PTX = GPU ops for those archs.
+$(STAMP): pyproject.toml docker/install.sh docker/common.sh docker/check-ops.sh
+	test -x $(PY) || python3 -m venv $(VENV_FLAGS) $(VENV)
 	PYTHON=$(PY) CUDA_ARCH="$(CUDA_ARCH)" DSFLEET_SRC=. bash docker/install.sh
 	touch $(STAMP)
 
-venv: $(STAMP)
+# `make venv CUDA_ARCH=9.0 [VENV_FLAGS=--system-site-packages]` always runs the install (seconds when the ops are
+# already built for that arch; a stamp cannot tell arches apart). The flag lets a venv see a preinstalled torch.
+venv:
+	rm -f $(STAMP)
+	$(MAKE) --no-print-directory $(STAMP)
 
 setup: sysdeps $(STAMP)
 
@@ -36,6 +41,7 @@ lint: setup
 	shellcheck docker/*.sh scripts/*.sh slurm/*.sbatch
 	$(VENV)/bin/hadolint docker/Dockerfile*
 
+# Tags IMAGE:sm89-torchT-dsD and IMAGE:sm89 (image-cpu: IMAGE:cpu-...); docker, podman or buildah, see docs/image.md.
 image:
 	bash docker/build-image.sh "$(CUDA_ARCH)" "$(IMAGE)" "$(BASE_IMAGE)"
 
