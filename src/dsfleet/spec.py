@@ -85,6 +85,11 @@ class RunSpec(BaseModel):
     stage3_max_reuse_distance: int | None = None
     overlap_comm: bool | None = None
     gpu_mem_bytes: int | None = None  # planner input for `zero: auto`; default: the visible GPU's memory
+    # fast path (dsfleet/fastpath.py): same math, fewer kernels and bytes; all off = the stock transformers path
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"  # auto: SDPA if supported
+    fused_loss: bool = True  # chunked CE from hidden states + output embedding, no full fp32 logits (ZeRO 0-2)
+    fused_activation: bool = True  # GPT-2's gelu_new as the one-kernel tanh GELU (same formula)
+    compile: bool = False  # torch.compile of each repeated block (ZeRO 0-2)
     # checkpoints, logging
     save_steps: int = Field(0, ge=0)  # 0: only at the end
     save_total_limit: int | None = Field(None, gt=0)

@@ -46,7 +46,7 @@ def train(spec) -> int:
     import torch
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    from dsfleet import checkpoint, data, dsconfig
+    from dsfleet import checkpoint, data, dsconfig, fastpath
     from dsfleet.metrics import FlopCounter, MetricsLog, batch_tokens, live_memory
 
     accel = get_accelerator()
@@ -89,9 +89,11 @@ def train(spec) -> int:
 
     # ---- 4. model and engine ---------------------------------------------------------------------------
     model = build_model(spec, model_source, tokenizer, ds_config, zero_stage, on_cpu, accel)
+    fast = fastpath.apply(model, spec, model_source.family, zero_stage)  # fused loss/GELU, compile: same math
     client_scheduler = None if "scheduler" in ds_config else lr_lambda_scheduler(spec, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds_config, lr_scheduler=client_scheduler)
+    fast.attach(engine, out, denv.rank, total_steps)
     device = engine.device
     flops = FlopCounter(engine.module, model_source.family)
     if is_main:
@@ -99,6 +101,7 @@ def train(spec) -> int:
               f"{denv.source}, ZeRO-{zero_stage}, {spec.precision}, micro batch {spec.per_device_train_batch_size} x "
               f"grad accum {spec.gradient_accumulation_steps} x world {denv.world_size} = "
               f"{ds_config['train_batch_size']}, {total_steps} steps", flush=True)
+        print(f"dsfleet: fast path: {fast.describe()}", flush=True)
     if spec.check_memory:
         print(f"[rank {denv.rank}] memory after engine init: {live_memory()}", flush=True)
 
@@ -366,8 +369,12 @@ def planned_steps(spec, order) -> int:
 
 
 def build_model(spec, model_source, tokenizer, ds_config: dict, zero_stage: int, on_cpu: bool, accel):
+    import functools
+
     import torch
+    from dsfleet.fastpath import attn_implementation
     from dsfleet.models import load_model
+    load_model = functools.partial(load_model, attn_implementation=attn_implementation(spec, model_source.family))
     overrides = {}
     if tokenizer is not None and spec.from_scratch:
         overrides = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}

@@ -1,0 +1,302 @@
+"""The fast path of the training entry point: the same model and the same math, fewer kernels and fewer bytes.
+
+`python -m dsfleet.train` spends most of a GPT-2/T5 step in a few places that the stock transformers modules
+leave slow: the loss over a 50k vocabulary (bf16 logits, then a full fp32 copy, then log-softmax, all kept for
+backward), GPT-2's `gelu_new` written as eight elementwise kernels, and one kernel launch per small op. Each
+piece here is switched by a RunSpec flag and changes no number the model computes beyond floating-point
+rounding (the loss curves of both paths are compared in tests/test_bench.py and by `dsfleet bench`):
+
+- `attn_implementation` ("auto": SDPA where the model class supports it, so fused flash/efficient kernels);
+- `fused_loss`: the cross-entropy computed from the final hidden states and the output embedding in row
+  chunks, logits of at most `CHUNK_BYTES` alive at a time, gradients made in the same pass (no logits are
+  kept for backward); the vocabulary is padded to a multiple of 64 inside the op (never in the model) so the
+  three GEMMs use aligned tensor-core kernels — padded columns are -inf and take no probability;
+- `fused_activation`: GPT-2's tanh-approximated GELU as one kernel (the same formula);
+- `compile`: torch.compile of each repeated block (regional compilation: one compiled graph serves every
+  layer, state-dict keys unchanged), which DeepSpeed ZeRO-1/2 allows since their hooks are on gradients.
+
+The fused loss reads the output embedding directly, which ZeRO-3 keeps partitioned: at stage 3 the model's
+own loss is used and the start line says so. `DSFLEET_PROFILE=DIR` profiles three steps (torch.profiler):
+a kernel table and a Chrome trace for tuning.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 512 * 2**20  # fp32 logits alive at once in the fused loss
+FUSED_LOSS_FAMILIES = ("gpt2", "t5")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loss: linear layer + cross-entropy in row chunks.
+
+def _chunk_rows(vocab: int) -> int:
+    rows = max(CHUNK_BYTES // (4 * vocab), 16)
+    return 1 << (rows.bit_length() - 1)  # a power of two: whole chunks for the usual batch x length products
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: fp32 for bf16/fp16 models, the model's own dtype when wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _padded(weight: torch.Tensor) -> torch.Tensor:
+    pad = (-weight.shape[0]) % 64
+    return F.pad(weight, (0, 0, 0, pad)) if pad else weight
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int,
+                want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed CE of one chunk and, if asked, d(sum)/d(logits) in the model dtype (softmax - one-hot)."""
+    logits = hidden @ weight.t()  # model dtype, like the lm_head's own matmul
+    if logits.shape[1] > vocab:
+        logits[:, vocab:] = float("-inf")
+    with torch.enable_grad():
+        upcast = logits.to(_acc(logits.dtype)).requires_grad_(want_grad)  # fp32 loss, as transformers' causal-LM loss
+        loss = F.cross_entropy(upcast, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if not want_grad:
+        return loss.detach(), None
+    (grad,) = torch.autograd.grad(loss, upcast)
+    return loss.detach(), grad.to(hidden.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean CE(hidden @ weight.T, targets) over non-ignored targets; gradients computed in forward, scaled in
+    backward by the incoming gradient (the loss is the graph's end, so that is a scalar)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        vocab = weight.shape[0]
+        w = _padded(weight)
+        rows = _chunk_rows(w.shape[0])
+        count = (targets != IGNORE_INDEX).sum()
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(w.shape, dtype=_acc(w.dtype), device=w.device)
+        total = torch.zeros((), dtype=_acc(hidden.dtype), device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start:start + rows]
+            loss, g = _chunk_loss(h, w, targets[start:start + rows], vocab, want_grad=True)
+            total += loss
+            grad_h[start:start + rows] = g @ w
+            grad_w += g.t() @ h
+        ctx.save_for_backward(grad_h, grad_w[:vocab], count)
+        ctx.weight_dtype = weight.dtype
+        return total / count.clamp(min=1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad_out.to(grad_w.dtype) / count.clamp(min=1)  # fp32: 1/count in bf16 would bias every gradient
+        return (grad_h.to(grad_w.dtype) * scale).to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` (-100 ignored) without full logits.
+
+    hidden [N, H], weight [V, H], targets [N]. Equal to F.cross_entropy(F.linear(hidden, weight).float(),
+    targets, ignore_index=-100) up to summation order."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets)
+    w = _padded(weight)
+    rows = _chunk_rows(w.shape[0])
+    total = torch.zeros((), dtype=_acc(hidden.dtype), device=hidden.device)
+    for start in range(0, hidden.shape[0], rows):
+        total += _chunk_loss(hidden[start:start + rows], w, targets[start:start + rows], weight.shape[0], False)[0]
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Installing the pieces on a transformers model.
+
+@dataclass
+class FusedLossOutput:
+    """What the training loop reads from a forward with labels: `.loss` (logits are never formed)."""
+    loss: torch.Tensor
+    logits: Any = None
+
+    def __getitem__(self, i):
+        return (self.loss, self.logits)[i]
+
+
+class _HeadBypass:
+    """While active, the output embedding returns its input: the model's forward then yields the hidden
+    states exactly as its head would see them (T5's d_model**-0.5 rescale included)."""
+
+    def __init__(self, head: torch.nn.Module):
+        self.head = head
+
+    def __enter__(self):
+        self.head.forward = lambda hidden: hidden  # instance attribute: shadows the class forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.head.forward
+
+
+def install_fused_loss(model, family: str) -> None:
+    """Replace `model.forward` (on the instance) so a training call with labels computes the fused loss.
+    Calls without labels, or with anything beyond input_ids/attention_mask/labels (generation, eval with
+    extra outputs), go to the model's own forward unchanged."""
+    original = model.forward
+    head = model.get_output_embeddings()
+    seq2seq = family == "t5"
+
+    @functools.wraps(original)  # generation inspects forward's signature: it keeps seeing the model's own
+    def forward(*args, **kwargs):
+        labels = kwargs.get("labels")
+        if args or labels is None or set(kwargs) - {"input_ids", "attention_mask", "labels"}:
+            return original(*args, **kwargs)
+        input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        with _HeadBypass(head):
+            if seq2seq:
+                out = original(input_ids=input_ids, attention_mask=attention_mask,
+                               decoder_input_ids=model._shift_right(labels), use_cache=False)
+                targets = labels
+            else:
+                # dsfleet's causal-LM batches are unpadded blocks (data.Collator: the mask is all ones), so
+                # the mask is left out: SDPA takes its causal kernel, transformers skips its mask checks
+                out = original(input_ids=input_ids, use_cache=False)
+                targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # token t predicts token t+1
+        hidden = out.logits if hasattr(out, "logits") else out[0]
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1))
+        return FusedLossOutput(loss=loss)
+
+    model.forward = forward
+
+
+def fuse_activations(model) -> int:
+    """GPT-2's gelu_new (tanh-approximated GELU in eight elementwise ops) -> the one-kernel tanh GELU."""
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child).__name__ in ("NewGELUActivation", "FastGELUActivation"):
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
+
+
+def repeated_blocks(model) -> list[torch.nn.Module]:
+    """The repeated layers of every ModuleList made of one block class (GPT-2 h, T5 encoder/decoder block, Mamba
+    layers) that share the list's most common structure: T5's first block, which alone owns the relative
+    position bias, stays eager, so each stack compiles one graph instead of two."""
+    blocks, inside = [], []
+    for name, module in model.named_modules():  # parents come before their children
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            shapes = [tuple((n, type(m).__name__) for n, m in block.named_modules()) for block in module]
+            common = max(set(shapes), key=shapes.count)
+            blocks.extend(block for block, shape in zip(module, shapes) if shape == common)
+            inside.append(name + ".")
+    return blocks
+
+
+def compile_blocks(model) -> int:
+    import torch._dynamo
+    backend = os.environ.get("DSFLEET_COMPILE_BACKEND", "inductor")
+    limit = 64  # every layer hits the first layer's graph; headroom for layer-0 / encoder / decoder variants
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit if "accumulated" not in name else 512))
+    blocks = repeated_blocks(model)
+    for block in blocks:
+        block.compile(backend=backend)  # in place: parameter names and the state dict are unchanged
+    return len(blocks)
+
+
+def attn_implementation(spec, family: str) -> str | None:
+    """What to pass as transformers' attn_implementation: "auto" means SDPA when the model class has it."""
+    from dsfleet.cli import fail
+    from dsfleet.models import family as model_family
+    cls = model_family(family).model_cls
+    wanted = spec.attn_implementation
+    if wanted == "auto":
+        return "sdpa" if getattr(cls, "_supports_sdpa", False) else None
+    if wanted == "sdpa" and not getattr(cls, "_supports_sdpa", False):
+        fail(f"{cls.__name__} has no SDPA attention in this transformers version — use --attn_implementation auto")
+    if wanted == "flash_attention_2":
+        import importlib.util
+        if importlib.util.find_spec("flash_attn") is None:
+            fail("--attn_implementation flash_attention_2 needs the flash-attn package — install it, or use sdpa")
+    return wanted
+
+
+@dataclass
+class FastPath:
+    """What apply() switched on, for the start line and the run's records."""
+    parts: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        text = ", ".join(self.parts) or "off"
+        return text + (f" (not used: {'; '.join(self.skipped)})" if self.skipped else "")
+
+    def attach(self, engine, out_dir: Path, rank: int, total_steps: int) -> None:
+        """After deepspeed.initialize: the optional profiler (DSFLEET_PROFILE=DIR, rank 0)."""
+        target = os.environ.get("DSFLEET_PROFILE")
+        if target and rank == 0:
+            _attach_profiler(engine, Path(target), total_steps)
+
+
+def apply(model, spec, family: str, zero_stage: int) -> FastPath:
+    """Switch on the fast-path pieces the spec asks for, on a model before deepspeed.initialize."""
+    fast = FastPath()
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl:
+        fast.parts.append(f"attention {impl}")
+    if spec.fused_activation and fuse_activations(model):
+        fast.parts.append("fused GELU")
+    if spec.fused_loss:
+        if family not in FUSED_LOSS_FAMILIES:
+            fast.skipped.append(f"fused loss ({family} has no output-embedding loss to fuse)")
+        elif zero_stage == 3:
+            fast.skipped.append("fused loss (ZeRO-3 partitions the output embedding)")
+        else:
+            install_fused_loss(model, family)
+            fast.parts.append("fused chunked cross-entropy")
+    if spec.compile:
+        fast.parts.append(f"torch.compile of {compile_blocks(model)} blocks")
+    return fast
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Profiling (diagnostics for tuning; off unless DSFLEET_PROFILE is set).
+
+def _attach_profiler(engine, out: Path, total_steps: int) -> None:
+    from torch.profiler import ProfilerActivity, profile, schedule
+    out.mkdir(parents=True, exist_ok=True)
+    active = 3
+    wait = max(total_steps - active - 1, 0)  # the last steps, after any timed window
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+    def ready(prof) -> None:
+        events = prof.key_averages()
+        for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+            try:
+                table = events.table(sort_by=key, row_limit=60)
+                break
+            except (AttributeError, KeyError, RuntimeError):
+                continue
+        (out / "profile.txt").write_text(f"steps {wait + 2}..{wait + 1 + active}, sorted by {key}\n{table}\n")
+        prof.export_chrome_trace(str(out / "trace.json"))
+        print(f"dsfleet: profile of {active} steps written to {out}", flush=True)
+
+    prof = profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=active, repeat=1),
+                   on_trace_ready=ready, record_shapes=False)
+    prof.start()
+    step = engine.step
+
+    def profiled_step(*args, **kwargs):
+        result = step(*args, **kwargs)
+        prof.step()
+        return result
+
+    engine.step = profiled_step

@@ -1,0 +1,183 @@
+"""The baseline of `dsfleet bench`: the same workload through HF Trainer + DeepSpeed, the way a user runs it.
+
+dsfleet's throughput claims are ratios against this program, so it must run exactly the workload dsfleet runs:
+the preset's transformers config with a random init (`from_config`: no download; on the GPU for ZeRO 0-2, and
+partitioned at construction by transformers' own ZeRO-3 integration for stage 3), dsfleet's synthetic tokens
+and collator (same lengths, same padding), the given DeepSpeed JSON with HF's "auto" values, bf16, the same
+micro-batch, learning rate, clipping and schedule. Nothing of HF's defaults is tuned: it is the baseline.
+
+Throughput is measured as the bench reads dsfleet's runs: the wall time of the steps after `--warmup` (device
+synchronised at both ends), tokens from the padded batch shapes, FLOPs from dsfleet.metrics.FlopCounter, MFU
+against `--peak_tflops`. Rank 0 writes one JSON result. Start it under the deepspeed launcher:
+
+    deepspeed --num_gpus N --module dsfleet.hf_baseline --preset gpt2_xl --deepspeed ds.json --bf16 \\
+        --micro_batch 8 --block_size 1024 --steps 20 --warmup 5 --output_dir DIR --result result.json
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dsfleet.hf_baseline", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", required=True, help="dsfleet preset: the transformers config (random init)")
+    p.add_argument("--deepspeed", required=True, help="DeepSpeed JSON as HF Trainer takes it (\"auto\" allowed)")
+    p.add_argument("--result", required=True, help="where rank 0 writes the JSON result")
+    p.add_argument("--output_dir", required=True, help="HF Trainer's output dir (nothing is saved there)")
+    p.add_argument("--micro_batch", type=int, default=8)
+    p.add_argument("--block_size", type=int, default=1024, help="causal LM: tokens per row")
+    p.add_argument("--max_source_length", type=int, default=128, help="seq2seq: source tokens per row")
+    p.add_argument("--max_target_length", type=int, default=128, help="seq2seq: target tokens per row")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timed window")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--learning_rate", type=float, default=5e-5)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
+    return p
+
+
+def _has_gpu() -> bool:
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        return False
+    import torch
+    return torch.cuda.is_available()
+
+
+def _known(cls, kwargs: dict) -> dict:
+    """TrainingArguments fields move between transformers releases: pass the ones this one has."""
+    accepted = inspect.signature(cls).parameters
+    return {k: v for k, v in kwargs.items() if k in accepted}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 1 <= args.warmup < args.steps:
+        print("hf_baseline: need 1 <= --warmup < --steps — the timed window starts after a warm step", file=sys.stderr)
+        return 2
+    gpu = _has_gpu()
+    if not gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    import transformers
+    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, Seq2SeqTrainer, Seq2SeqTrainingArguments,
+                              Trainer, TrainerCallback, TrainingArguments, set_seed)
+
+    from dsfleet.data import Collator, SyntheticTokens
+    from dsfleet.metrics import FlopCounter, batch_tokens
+    from dsfleet.models import build_config
+    from dsfleet.presets import get_preset
+
+    preset = get_preset(args.preset)
+    seq2seq = preset.family == "t5"
+    config = build_config(preset)
+    ds_json = json.loads(Path(args.deepspeed).read_text())
+    stage = int(ds_json.get("zero_optimization", {}).get("stage", 0))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if gpu:
+        torch.cuda.set_device(local_rank)
+
+    args_cls = Seq2SeqTrainingArguments if seq2seq else TrainingArguments
+    training_args = args_cls(**_known(args_cls, dict(
+        output_dir=args.output_dir, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
+        max_steps=args.steps, learning_rate=args.learning_rate, weight_decay=0.0, warmup_steps=0,
+        lr_scheduler_type="linear", max_grad_norm=1.0, bf16=args.bf16, deepspeed=args.deepspeed, seed=args.seed,
+        logging_strategy="steps", logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_drop_last=True, remove_unused_columns=False, dataloader_num_workers=0,
+        use_cpu=not gpu)))  # created before the model: with ZeRO-3 it switches on transformers' zero.Init
+
+    set_seed(args.seed)
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    started = time.perf_counter()
+    if stage == 3 or not gpu:
+        model = auto.from_config(config)
+    else:
+        with torch.device("cuda", local_rank):  # a 1.5-3B model initialised on the CPU takes minutes
+            model = auto.from_config(config)
+    init_s = time.perf_counter() - started
+
+    src_len = args.max_source_length if seq2seq else args.block_size
+    data = SyntheticTokens((args.steps + 2) * args.micro_batch * world, config.vocab_size, seq2seq, src_len,
+                           args.max_target_length, args.seed)
+    collate = Collator(pad_id=0, seq2seq=seq2seq)  # what dsfleet.train uses for --synthetic_data
+    sample = collate([data[i] for i in range(args.micro_batch)])
+
+    timer = _StepTimer(TrainerCallback, args.warmup, args.steps, gpu)
+    trainer_cls = Seq2SeqTrainer if seq2seq else Trainer
+    trainer = trainer_cls(model=model, args=training_args, train_dataset=data, data_collator=collate,
+                          callbacks=[timer])
+    trainer.train()
+
+    if rank == 0:
+        flops = FlopCounter(model, preset.family)
+        timed = args.steps - args.warmup
+        elapsed = timer.end - timer.start
+        tokens = batch_tokens(sample, seq2seq) * world * timed
+        tflops = flops(sample) * world * timed / elapsed / 1e12
+        result = {
+            "tool": "hf_trainer", "preset": preset.name, "world_size": world, "zero_stage": stage,
+            "precision": "bf16" if args.bf16 else "fp32", "micro_batch": args.micro_batch,
+            "seq": {"source": src_len, "target": args.max_target_length} if seq2seq else {"block": src_len},
+            "steps": args.steps, "warmup": args.warmup, "timed_s": elapsed,
+            "tokens_per_s": tokens / elapsed, "tflops": tflops, "tflops_per_gpu": tflops / world,
+            "mfu": tflops / world / args.peak_tflops if args.peak_tflops else None,
+            "peak_mem_bytes": timer.peak_mem, "n_params": flops.n_params,
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "model_init_s": init_s, "first_step_end_unix": timer.first_step_end,
+            "losses": timer.losses, "transformers": transformers.__version__, "torch": torch.__version__,
+        }
+        tmp = Path(args.result).with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(args.result)
+        print(f"hf_baseline: {result['tokens_per_s']:,.0f} tokens/s, {tflops / world:.1f} TFLOP/s per GPU over "
+              f"steps {args.warmup + 1}-{args.steps}", flush=True)
+    return 0
+
+
+def _StepTimer(base, warmup: int, steps: int, gpu: bool):
+    """A TrainerCallback (class made here: transformers is imported lazily) timing steps warmup+1..steps."""
+    import torch
+
+    from dsfleet.metrics import peak_memory
+
+    def sync() -> None:
+        if gpu:
+            torch.cuda.synchronize()
+
+    class StepTimer(base):
+        def __init__(self):
+            self.start = self.end = None
+            self.first_step_end = None
+            self.peak_mem = None
+            self.losses: dict[int, float] = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                sync()
+                self.first_step_end = time.time()
+            if state.global_step == warmup:
+                sync()
+                self.start = time.perf_counter()
+            if state.global_step == steps:
+                sync()
+                self.end = time.perf_counter()
+                self.peak_mem = peak_memory()["peak_mem_bytes"]  # as dsfleet's metrics rows record it
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses[state.global_step] = float(logs["loss"])
+
+    return StepTimer()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
