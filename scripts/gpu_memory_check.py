@@ -165,6 +165,8 @@ def run_one(cfg: dict, index: int, work: Path, logs: Path, defaults: dict, timeo
     elif status == "exited":
         status = "oom" if oom else f"failed (rc {proc.returncode})"
     lines = text.splitlines()
+    # what the run actually used: dsfleet's fast-path line, transformers' kernel fallbacks (Mamba's scan)
+    notes = sorted({line.strip()[:200] for line in lines if "fast path:" in line or "falling back to" in line})
     log_path.write_text("\n".join(lines[-80:]) + "\n")  # keep what comes back small
     shutil.rmtree(out_dir, ignore_errors=True)
     return {"status": status, "rc": proc.returncode, "seconds": round(elapsed, 1), "command": " ".join(cmd),
@@ -172,7 +174,7 @@ def run_one(cfg: dict, index: int, work: Path, logs: Path, defaults: dict, timeo
             "measured_peak_bytes": max((r["peak_mem_bytes"] for r in rows), default=None),
             "measured_reserved_bytes": max((r.get("peak_mem_reserved_bytes", 0) for r in rows), default=None)
             if rows else None,
-            "tokens_per_s": rows[-1].get("tokens_per_s") if rows else None}
+            "tokens_per_s": rows[-1].get("tokens_per_s") if rows else None, "notes": notes}
 
 
 def markdown(results: list[dict], info: dict) -> str:

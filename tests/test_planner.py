@@ -407,6 +407,20 @@ def test_choose_for_spec_reads_a_runspec_like_object():
     assert small.fits and small.offload != "none"
 
 
+def test_choose_for_spec_with_a_runspec_and_a_model_dir(tmp_path):
+    from dsfleet.models import build_config
+    from dsfleet.presets import get_preset
+    from dsfleet.spec import parse_args
+    spec = parse_args(["--preset", "gpt2_xl", "--bf16", "--zero", "auto", "--per_device_train_batch_size", "64"])
+    choice = P.choose_for_spec(spec, world_size=8, gpu_mem_bytes=40 * GiB, cpu_mem_bytes=512 * GiB)
+    assert choice.fits and choice.micro_batch == 64 and choice.gradient_checkpointing  # 64 x 1024 tokens need it
+    build_config(get_preset("gpt2_medium")).save_pretrained(tmp_path / "my-gpt2")
+    spec = parse_args(["--model_name_or_path", str(tmp_path / "my-gpt2"), "--bf16", "--zero", "auto"])
+    shape = P.shape_for_spec(spec)
+    assert shape.family == "gpt2" and shape.n_params == P.model_shape("gpt2_medium").n_params
+    assert P.choose_for_spec(spec, world_size=1, gpu_mem_bytes=24 * GiB, cpu_mem_bytes=64 * GiB).fits
+
+
 def test_format_plan_is_a_table_with_the_reason():
     text = P.format_plan(P.plan(preset="gpt2_xl", gpus=8, gpu_mem_bytes=40 * GiB, precision="bf16"))
     assert "ZeRO" in text and "peak" in text and "best: ZeRO-" in text

@@ -126,32 +126,58 @@ class ModelShape:
 @lru_cache(maxsize=None)
 def model_shape(preset_name: str) -> ModelShape:
     """Exact counts from dsfleet.models (meta device, nothing allocated) + the preset's architecture dims."""
-    import torch
-
-    from dsfleet.models import build_config, count_parameters, family
+    from dsfleet.models import build_config, count_parameters
     from dsfleet.presets import get_preset
 
     preset = get_preset(preset_name)
-    n_params = count_parameters(preset)
-    cfg = build_config(preset)
+    return shape_from_config(preset.name, preset.family, build_config(preset), preset.defaults,
+                             n_params=count_parameters(preset))
+
+
+def shape_from_config(name: str, family_name: str, cfg, defaults: dict | None = None,
+                      n_params: int | None = None) -> ModelShape:
+    """A ModelShape from a transformers config of a supported family (a preset's, or a model dir's)."""
+    import torch
+
+    from dsfleet.models import family
+
     with torch.device("meta"):
-        model = family(preset.family).model_cls(cfg)
+        model = family(family_name).model_cls(cfg)
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     largest_param = max(p.numel() for p in model.parameters())
-    d = preset.defaults
-    common = dict(name=preset.name, family=preset.family, n_params=n_params, largest_layer=largest_layer,
+    n_params = n_params or sum(p.numel() for p in model.parameters())
+    d = defaults or {}
+    common = dict(name=name, family=family_name, n_params=n_params, largest_layer=largest_layer,
                   largest_param=largest_param, vocab=int(cfg.vocab_size), tied=bool(cfg.tie_word_embeddings))
-    if preset.family == "t5":
+    if family_name == "t5":
         return ModelShape(**common, hidden=cfg.d_model, layers=cfg.num_layers, dec_layers=cfg.num_decoder_layers,
                           heads=cfg.num_heads, d_ff=cfg.d_ff, inner=cfg.num_heads * cfg.d_kv, dropout=cfg.dropout_rate,
                           seq_len=int(d.get("max_source_length", 128)), tgt_len=int(d.get("max_target_length", 128)))
-    if preset.family == "gpt2":
+    if family_name == "gpt2":
         return ModelShape(**common, hidden=cfg.n_embd, layers=cfg.n_layer, heads=cfg.n_head,
                           d_ff=cfg.n_inner or 4 * cfg.n_embd, dropout=max(cfg.resid_pdrop, cfg.embd_pdrop),
                           seq_len=int(d.get("block_size", 1024)))
     return ModelShape(**common, hidden=cfg.hidden_size, layers=cfg.num_hidden_layers, d_state=cfg.state_size,
                       expand=cfg.expand, dt_rank=int(cfg.time_step_rank), conv_kernel=cfg.conv_kernel,
                       seq_len=int(d.get("block_size", 2048)))
+
+
+def shape_for_spec(spec_like) -> ModelShape | None:
+    """The spec's model: its preset, or the config.json of its --model_name_or_path (T5, GPT-2, Mamba)."""
+    preset = getattr(spec_like, "preset", None)
+    if preset:
+        return model_shape(preset)
+    path = getattr(spec_like, "model_name_or_path", None)
+    if not path:
+        return None
+    try:
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception:  # noqa: BLE001 — no readable config: nothing to plan with
+        return None
+    if cfg.model_type not in ("t5", "gpt2", "mamba"):
+        return None
+    return shape_from_config(str(path).rstrip("/").split("/")[-1] or cfg.model_type, cfg.model_type, cfg)
 
 
 def generic_shape(n_params: int, seq_len: int | None = None) -> ModelShape:
@@ -382,8 +408,8 @@ class Candidate:
     precision: str  # bf16 | fp16 | fp32
     gradient_checkpointing: bool
     micro_batch: int
-    gpu: dict[str, int] = field(default_factory=dict)  # per-GPU bytes: params grads optimizer activations buffers
-    #                                                     overhead peak need
+    # per-GPU bytes: params, grads, optimizer (the model states), activations, buffers, overhead, peak, need
+    gpu: dict[str, int] = field(default_factory=dict)
     model_states_bytes: int = 0  # params + grads + optimizer, per GPU (DeepSpeed's estimator convention)
     peak_phase: str = ""  # which phase holds the predicted max_memory_allocated
     phases: dict[str, int] = field(default_factory=dict)
@@ -690,7 +716,8 @@ def _pick_best(fitting: list[Candidate]) -> Candidate | None:
                                     _STAGE_PREFERENCE[c.zero_stage], c.gpu["need"]))
 
 
-def plan(*, params=None, preset: str | None = None, gpus: int, nodes: int = 1, gpu_mem_bytes: int = DEFAULT_GPU_MEM,
+def plan(*, params=None, preset: str | None = None, shape: ModelShape | None = None, gpus: int, nodes: int = 1,
+         gpu_mem_bytes: int = DEFAULT_GPU_MEM,
          cpu_mem_bytes: int = DEFAULT_CPU_MEM, micro_batch: int | None = None, seq_len: int | None = None,
          tgt_len: int | None = None, precision: str | None = None, gradient_checkpointing: bool | None = None,
          zero_stages: Iterable[int] | None = None, fused_loss: bool = True, fused_activation: bool = True,
@@ -704,7 +731,7 @@ def plan(*, params=None, preset: str | None = None, gpus: int, nodes: int = 1, g
         fail(f"unknown precision {precision!r} — use one of {', '.join(PRECISIONS)}")
     if micro_batch is not None and micro_batch < 1:
         fail(f"--micro-batch must be >= 1, got {micro_batch}")
-    shape = _resolve_shape(params, preset, seq_len)
+    shape = shape or _resolve_shape(params, preset, seq_len)
     seq = seq_len or shape.seq_len
     tgt = (tgt_len or shape.tgt_len or seq) if shape.family == "t5" else 0
     kw = dict(gpus=gpus, nodes=nodes, gpu_mem_bytes=gpu_mem_bytes, cpu_mem_bytes=cpu_mem_bytes, seq_len=seq,
@@ -807,10 +834,9 @@ def _growing(start: int):
 def choose_for_spec(spec_like, world_size: int, gpu_mem_bytes: int, cpu_mem_bytes: int) -> Candidate | None:
     """`zero: auto`: the fastest fitting ZeRO stage / offload / checkpointing for the spec's model, micro-batch,
     precision and lengths (the spec's micro-batch is kept; checkpointing is only ever switched on)."""
-    preset = getattr(spec_like, "preset", None)
-    if not preset:
+    shape = shape_for_spec(spec_like)
+    if shape is None:
         return None
-    shape = model_shape(preset)
     bf16, fp16 = bool(getattr(spec_like, "bf16", False)), bool(getattr(spec_like, "fp16", False))
     precision = "bf16" if bf16 else "fp16" if fp16 else "fp32"
     if shape.family == "t5":
@@ -820,7 +846,7 @@ def choose_for_spec(spec_like, world_size: int, gpu_mem_bytes: int, cpu_mem_byte
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
     gpus = max(1, min(local, world_size))
     nodes = max(1, math.ceil(world_size / gpus))
-    pl = plan(preset=preset, gpus=gpus, nodes=nodes, gpu_mem_bytes=gpu_mem_bytes, cpu_mem_bytes=cpu_mem_bytes,
+    pl = plan(shape=shape, gpus=gpus, nodes=nodes, gpu_mem_bytes=gpu_mem_bytes, cpu_mem_bytes=cpu_mem_bytes,
               micro_batch=int(getattr(spec_like, "per_device_train_batch_size", 1) or 1), seq_len=seq, tgt_len=tgt,
               precision=precision, gradient_checkpointing=True if getattr(spec_like, "gradient_checkpointing", False)
               else None, fused_loss=bool(getattr(spec_like, "fused_loss", True)),
