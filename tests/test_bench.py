@@ -5,6 +5,7 @@ sides produce numbers and the fast path's loss curve is the plain path's (fp32: 
 import argparse
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,79 @@ def test_cpu_smoke_suite(tmp_path, monkeypatch):
     assert "hf_trainer_zero2" in md and "dsfleet_fast" in md and "PASS" in md
     hf_json = json.loads((tmp_path / "out" / "ds_configs" / "hf_zero2.json").read_text())
     assert hf_json["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in hf_json["zero_optimization"]
+
+
+
+def test_gpu_suites_orchestration(tmp_path, monkeypatch):
+    """`--suite all` on a (pretend) 2-GPU H100 box with every launch replaced by a stand-in that writes what the
+    real run would (dsfleet's metrics.jsonl and log lines, the baseline's result JSON): which runs the bench makes
+    with which flags, how it reads them back, the ratios and target checks, the retry of a failed compiled run."""
+    monkeypatch.setattr(bench, "gpu_names", lambda: ["NVIDIA H100 80GB HBM3"] * 2)
+    monkeypatch.setattr(bench.Bench, "prebuild", lambda self, builder, wait: None)
+    monkeypatch.setattr(bench, "planner_zero", lambda: ("auto", "planner's choice (--zero auto)"))
+    per_gpu = {"hf_trainer_zero2": 18e3, "dsfleet_plain": 19e3, "dsfleet_fast": 40e3, "dsfleet_planner_retry": 9.5e3,
+               "hf_trainer_zero3_seed": 3e3, "dsfleet_fast_2gpu": 39e3}
+    launched = []
+
+    def fake_launch(self, result, cmd, env, done, first, kill_when_done):
+        arg = dict(zip(cmd, cmd[1:]))
+        gpus = int(arg["--num_gpus"])
+        launched.append((result.name, cmd))
+        result.log = str(tmp_path / f"{result.name}.log")
+        if result.name == "dsfleet_planner":  # the compiled T5 run fails; the bench retries without compile
+            open(result.log, "w").write("Traceback ...\nInductorError: boom\n")
+            result.note = "exit 1: InductorError: boom"
+            return False
+        tps = per_gpu[result.name] * gpus
+        if arg["--module"] == "dsfleet.hf_baseline":
+            out = {"zero_stage": 3 if "zero3" in arg["--deepspeed"] else 2, "tokens_per_s": tps, "tflops_per_gpu": 1.0,
+                   "mfu": 0.1, "peak_mem_bytes": 2**34, "first_step_end_unix": None, "losses": {"1": 11.0},
+                   "attn_implementation": "sdpa"}
+            open(arg["--result"], "w").write(json.dumps(out))
+            return True
+        run_dir = Path(arg["--output_dir"])
+        run_dir.mkdir(parents=True)
+        open(result.log, "w").write(f"dsfleet: x (1.0M params), {gpus} rank(s) via deepspeed, ZeRO-2, bf16, ...\n"
+                                    "dsfleet: fast path: attention sdpa, fused chunked cross-entropy\n")
+        tokens = int(arg["--per_device_train_batch_size"]) * gpus * (int(arg.get("--block_size", 0)) or 256)
+        rows = [{"step": s, "loss": 10.9 - 0.01 * s + (1e-3 if "plain" not in result.name else 0),
+                 "tokens_per_s": tps * (0.5 if s <= 5 else 1.0), "tflops": tps * 10.3e9 / 1e12,
+                 "peak_mem_bytes": 40 * 2**30} for s in range(1, int(arg["--max_steps"]) + 1)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        result.first_step_s = 41.0
+        return True
+
+    monkeypatch.setattr(bench.Bench, "launch", fake_launch)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--suite", "all", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert bench.run(args) == 0, (tmp_path / "out" / "results.md").read_text()
+    names = [n for n, _ in launched]
+    assert names == ["hf_trainer_zero2", "dsfleet_plain", "dsfleet_fast", "dsfleet_planner", "dsfleet_planner_retry",
+                     "hf_trainer_zero3_seed", "dsfleet_fast_2gpu"]  # 1-GPU scaling point = gpt2_xl's fast run
+    cmds = {n: " ".join(c) for n, c in launched}
+    assert "--zero 2 --compile true" in cmds["dsfleet_fast"] and "--fused_loss false" in cmds["dsfleet_plain"]
+    assert "--zero auto --compile true" in cmds["dsfleet_planner"] and "--zero auto --compile false" in cmds["dsfleet_planner_retry"]
+    assert "--num_gpus 2" in cmds["dsfleet_fast_2gpu"] and "--peak_tflops 989.0" in cmds["dsfleet_fast"]
+    hf2 = json.loads((tmp_path / "out" / "ds_configs" / "hf_zero2.json").read_text())["zero_optimization"]
+    hf3 = json.loads((tmp_path / "out" / "ds_configs" / "hf_zero3.json").read_text())["zero_optimization"]
+    assert hf2["stage"] == 2 and "offload_optimizer" not in hf2
+    assert hf3["stage"] == 3 and hf3["offload_optimizer"]["device"] == "cpu"
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs = {r["name"]: r for r in doc["results"]}
+    assert runs["dsfleet_fast"]["tokens_per_s"] == pytest.approx(40e3)  # the slow warm-up steps are not timed
+    assert runs["dsfleet_fast"]["peak_mem_gib"] == pytest.approx(40) and runs["dsfleet_fast"]["zero_stage"] == 2
+    assert runs["dsfleet_planner"]["superseded"] and not runs["dsfleet_planner"]["ok"]
+    checks = {c["what"]: c for c in doc["checks"]}
+    assert checks["dsfleet fast / HF Trainer tokens/s"]["value"] == pytest.approx(40 / 18)
+    assert checks["dsfleet fast / HF Trainer tokens/s"]["pass"] is True
+    assert checks["dsfleet fast MFU"]["value"] == pytest.approx(40e3 * 10.3e9 / 1e12 / 989)
+    assert checks["dsfleet fast MFU"]["pass"] is True
+    assert checks["dsfleet (planner) / HF Trainer seed ZeRO-3 tokens/s"]["value"] == pytest.approx(9.5 / 3)
+    assert checks["dsfleet launch to first finished step (s), first launch"]["pass"] is True
+    (scaling,) = [c for c in doc["checks"] if c["suite"] == "scaling"]
+    assert scaling["value"] == pytest.approx(39 / 40) and scaling["pass"]
+    (loss,) = [c for c in doc["checks"] if c["what"].startswith("loss curve")]
+    assert loss["target"] == 2e-2 and loss["pass"] and len(doc["loss_curves"]["gpt2_xl"]) == 20
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "failed, measured again" in md and "without torch.compile" in md and "2 x NVIDIA H100" in md
