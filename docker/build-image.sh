@@ -5,7 +5,8 @@
 # Env: CONTAINER_BUILDER (docker|podman|buildah; default: the first that works here), WHEELHOUSE (wheels/sdists
 #      the build may install from, e.g. a CPU torch wheel), TORCH_VERSION, TORCH_INDEX_URL, DEEPSPEED_VERSION,
 #      MAX_JOBS, USER_UID, DSFLEET_EXTRAS (passed as build args when set), BUILDAH_ISOLATION (default chroot:
-#      works inside a container with no OCI runtime).
+#      works inside a container with no OCI runtime), BUILD_CA_BUNDLE (default $PIP_CERT: a CA bundle pip trusts
+#      during the build only, for networks behind a TLS-intercepting proxy).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=docker/common.sh
@@ -55,7 +56,17 @@ if [ -n "${WHEELHOUSE:-}" ]; then
     find "$WHEELHOUSE" -maxdepth 1 -type f \( -name '*.whl' -o -name '*.tar.gz' -o -name '*.zip' \) -exec cp {} "$ctx/wheels/" \;
 fi
 
-args=(--build-arg "BASE_IMAGE=$base" --build-arg "CUDA_ARCH=$arch" --build-arg "TORCH_VERSION=$torch_version"
+# A TLS-intercepting proxy's CA (this host's PIP_CERT) must reach pip inside the build, never the image:
+# it rides in the bind-mounted wheels/ dir, and PIP_CERT is a build arg, not an ENV of the image.
+ca=${BUILD_CA_BUNDLE:-${PIP_CERT:-}}
+ca_args=()
+if [ -n "$ca" ]; then
+  [ -f "$ca" ] || die "BUILD_CA_BUNDLE/PIP_CERT=$ca is not a file — point it at the CA bundle pip should trust"
+  cp "$ca" "$ctx/wheels/ca-bundle.crt"
+  ca_args=(--build-arg PIP_CERT=/wheels/ca-bundle.crt)
+fi
+
+args=("${ca_args[@]}" --build-arg "BASE_IMAGE=$base" --build-arg "CUDA_ARCH=$arch" --build-arg "TORCH_VERSION=$torch_version"
   --build-arg "DEEPSPEED_VERSION=$ds_version")
 for var in TORCH_INDEX_URL MAX_JOBS USER_UID DSFLEET_EXTRAS; do
   if [ -n "${!var+set}" ]; then args+=(--build-arg "$var=${!var}"); fi

@@ -5,7 +5,7 @@ Why this exists: the planner (dsfleet/planner.py) is only worth what its numbers
 script runs `python -m dsfleet.train` once per config (sequentially, one process each, a few steps, synthetic
 tokens, models initialised from config on the GPU), reads the peak it logs (metrics.jsonl `peak_mem_bytes`, from
 torch.cuda.max_memory_allocated, which is what the planner's `peak` predicts), and writes a markdown table and
-JSON to $OUT. Two more runs emulate a 24 GiB card (--gpu_memory_fraction 24/80): one the planner says fits, one it
+JSON to $OUT. Two more runs emulate a 24 GiB card (--gpu_memory_fraction = 24 GiB / the card's total): one the planner says fits, one it
 says does not; each is recorded as ran or out-of-memory.
 
     OUT=/tmp/out python scripts/gpu_memory_check.py            # < 9 minutes on one H100 80GB
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 GiB = 2**30
 STEPS = 3
-EMULATED_GB = 24  # the small card, as a fraction of an 80 GB one
+EMULATED_GB = 24  # the small card: the process gets this many GiB of the real one
 TOLERANCE = 0.10
 
 # name, preset, ZeRO stage, optimizer offload, checkpointing, micro-batch, sequence length (None: the preset's),
@@ -123,9 +123,16 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def run_one(cfg: dict, index: int, work: Path, logs: Path, defaults: dict, timeout: float) -> dict:
+def card_fraction(cfg: dict, total_bytes: int) -> float | None:
+    """The share of this GPU that leaves `card_gb` GiB to the process: 24 GiB of an H200's 140 GiB is 0.17, not
+    24/80 (which is what an 80 GB card would need and leaves 42 GiB on an H200)."""
+    return min(1.0, cfg["card_gb"] * GiB / total_bytes) if cfg.get("card_gb") else None
+
+
+def run_one(cfg: dict, index: int, work: Path, logs: Path, defaults: dict, timeout: float,
+            total_bytes: int) -> dict:
     out_dir = work / cfg["name"]
-    fraction = cfg["card_gb"] / 80 if cfg.get("card_gb") else None
+    fraction = card_fraction(cfg, total_bytes)
     cmd = command(cfg, out_dir, defaults, fraction)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29650 + index),
@@ -195,7 +202,7 @@ def markdown(results: list[dict], info: dict) -> str:
                      f"{(meas / GiB) if meas else float('nan'):.2f} | {err} | {r['status']} | {r.get('seconds', '-')} |")
     emulated = [r for r in results if r["config"].get("card_gb")]
     if emulated:
-        lines += ["", f"Emulated {EMULATED_GB} GB card (`--gpu_memory_fraction {EMULATED_GB}/80`):", "",
+        lines += ["", f"Emulated {EMULATED_GB} GiB card (`--gpu_memory_fraction` = {EMULATED_GB} GiB / the GPU's total):", "",
                   "| config | planner on a 24 GiB card | predicted need GiB | outcome | verdict holds |",
                   "|---|---|---|---|---|"]
         for r in emulated:
@@ -240,12 +247,13 @@ def main() -> int:
         left = args.budget - (time.time() - t0)
         if args.dry_run:
             entry.update(status="dry run", command=" ".join(command(cfg, work / cfg["name"], defaults,
-                                                                     cfg["card_gb"] / 80 if cfg.get("card_gb") else None)))
+                                                                     card_fraction(cfg, info["gpu"]["total_bytes"]))))
             print(entry["command"])
         elif left < MIN_RUN_S:
             entry.update(status=f"skipped ({left:.0f}s of budget left)")
         else:
-            entry.update(run_one(cfg, i, work, out / "logs", defaults, min(args.timeout, left - 5)))
+            entry.update(run_one(cfg, i, work, out / "logs", defaults, min(args.timeout, left - 5),
+                                info["gpu"]["total_bytes"]))
         results.append(entry)
         meas = entry.get("measured_peak_bytes")
         pred = entry.get("prediction", {}).get("peak_bytes")

@@ -26,6 +26,11 @@ venv=/tmp/dsfleet-ops-venv
 rm -rf "$venv"
 python3 -m venv --system-site-packages --without-pip "$venv" || { echo "FAIL: cannot create a venv"; exit 1; }
 py=$venv/bin/python
+# The box's python3 may itself live in a venv (/opt/torch/.venv): --system-site-packages then shows the base
+# interpreter's packages, not that venv's torch. A .pth file puts the parent env's site-packages on the path.
+parent_site=$(python3 -c 'import site; print("\n".join(site.getsitepackages()))')
+"$py" -c 'import site; print(site.getsitepackages()[0])' | { read -r own; printf '%s\n' "$parent_site" >"$own/_box_parent_env.pth"; }
+"$py" -c 'import torch' 2>/dev/null || { echo "FAIL: the venv does not see the box's torch"; exit 1; }
 "$py" -c 'import setuptools, wheel' 2>/dev/null ||
   "$py" -m pip install -q --no-index --find-links .whl/tools setuptools wheel || fail "setuptools/wheel"
 
@@ -49,7 +54,7 @@ PYTHON=$py CUDA_ARCH=$arch WHEELHOUSE=$repo/.whl OFFLINE=1 DS_FORCE_BUILD=1 bash
 rc=$?
 t1=$(date +%s.%N)
 build_s=$(python3 -c "print(round($t1 - $t0, 1))")
-[ $rc -eq 0 ] || fail "install.sh exited $rc"
+[ $rc -eq 0 ] || { fail "install.sh exited $rc"; printf 'GPU OPS CHECK FAILED: %s\n' "${fails[@]}"; exit 1; }
 echo "== second run (must find everything built and do nothing)"
 t2=$(date +%s.%N)
 PYTHON=$py CUDA_ARCH=$arch WHEELHOUSE=$repo/.whl OFFLINE=1 bash docker/install.sh torch deepspeed | tee "$OUT/second_run.txt"
@@ -106,6 +111,12 @@ if "$py" -c 'import transformers' 2>/dev/null; then
 else
   echo "== dsfleet.train skipped: transformers is not on this box"
 fi
+
+# The built DeepSpeed as a tarball for later calls (scripts/device_env.sh lays .whl/prebuilt/deepspeed-*.tgz over
+# the carried wheels): the bench and memory runs then load these ops instead of JIT-building their own.
+site=$("$py" -c 'import deepspeed, os; print(os.path.dirname(os.path.dirname(deepspeed.__file__)))')
+tgz=$OUT/deepspeed-$("$py" -c 'import deepspeed; print(deepspeed.__version__)')-sm${arch//[.+]/}.tgz
+if (cd "$site" && tar -czf "$tgz" deepspeed deepspeed-*.dist-info); then ls -la "$tgz"; else fail "cannot pack the built deepspeed"; fi
 
 if [ ${#fails[@]} -gt 0 ]; then
   printf 'GPU OPS CHECK FAILED:\n' && printf '  %s\n' "${fails[@]}"

@@ -16,11 +16,18 @@ from dsfleet.models import build_config, family
 from dsfleet.presets import get_preset
 
 
-@pytest.mark.parametrize("n, vocab, chunk_rows", [(300, 517, 64), (64, 50, 4096)])
-def test_linear_cross_entropy_is_the_plain_loss(monkeypatch, n, vocab, chunk_rows):
+@pytest.mark.parametrize("n, vocab, chunk_rows, compiled", [(300, 517, 64, False), (64, 50, 4096, False),
+                                                             (300, 517, 64, True)])
+def test_linear_cross_entropy_is_the_plain_loss(monkeypatch, n, vocab, chunk_rows, compiled):
     """fp64 so the comparison is exact up to summation order: several chunks, a vocab padded inside the op
-    (517 -> 576, padded columns at -inf), ignored targets, and the no-grad path."""
+    (517 -> 576, padded columns at -inf), ignored targets, the no-grad path, and the per-chunk math that
+    `compile` hands to torch.compile (aot_eager here)."""
     monkeypatch.setattr(fastpath, "CHUNK_BYTES", chunk_rows * 4 * 576)
+    if compiled:
+        monkeypatch.setenv("DSFLEET_COMPILE_BACKEND", "aot_eager")
+        monkeypatch.setattr(fastpath, "_compiled_ce", None)
+        fastpath.compile_loss()
+        assert fastpath._compiled_ce is not None
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, 32, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(vocab, 32, dtype=torch.float64, generator=g, requires_grad=True)

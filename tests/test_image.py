@@ -215,5 +215,12 @@ def test_cpu_image_builds_and_runs_offload_step(tmp_path):
         assert report["jit_built"] == [] and report["optimizer"] == "DeepSpeedCPUAdam", report
         assert all(report["ops"][op].startswith("/opt/venv/") for op in ("cpu_adam", "deepspeed_shm_comm")), report
         assert inside("dsfleet", "--help").returncode == 0
+        # multi-node plumbing as the non-root user: its own sshd, then ssh and pdsh through it
+        ssh = inside("bash", "-c", "set -e; ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519; "
+                     f"SSH_PORT={_port()} bash /opt/dsfleet/docker/start-sshd.sh; "
+                     "cat ~/.ssh/id_ed25519.pub >> ~/.ssh/authorized_keys; sleep 1; "
+                     "ssh -o BatchMode=yes localhost 'echo ssh-as-$(id -un)'; pdsh -w localhost echo pdsh-ok; "
+                     "kill $(cat ~/.ssh/sshd.pid)", timeout=120)
+        assert ssh.returncode == 0 and "ssh-as-dsfleet" in ssh.stdout and "pdsh-ok" in ssh.stdout, explain(ssh)
     finally:
         run(["buildah", "rm", ctr])

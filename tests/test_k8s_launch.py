@@ -15,7 +15,7 @@ What is real and what stands in (no Kubernetes here):
   both pods share this machine's loopback, so each pod's /etc/hosts (a private copy, as the kubelet also writes
   one per pod) maps every pod's DNS names to 127.0.0.1. The name rank 1 connects to is the rendered MASTER_ADDR,
   unchanged; only the address it resolves to is loopback. The pod's host name is set in its UTS namespace.
-- not emulated: the image itself, runAsUser 1000 (the processes run as the test's user), resource limits, and
+- not emulated: the image itself, runAsUser 1001 (the processes run as the test's user), resource limits, and
   a network namespace per pod.
 
 Preemption: an evicted pod gets SIGTERM on its PID 1 (the launcher), which forwards it to its ranks; all ranks agree

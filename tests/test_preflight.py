@@ -77,6 +77,17 @@ def test_tie_goes_to_the_master_and_import_errors_fail():
     assert failures(entries, probes) == {("n1", "dsfleet"), ("n1", "deepspeed")}
 
 
+def test_default_ops_are_what_the_install_script_builds():
+    """preflight's default --require-ops per flavour is docker/common.sh's required_ops: a host installed by
+    docker/install.sh passes, and a change to one without the other fails here, not on a cluster."""
+    from dsfleet.preflight import DEFAULT_OPS
+    common = Path(__file__).resolve().parents[1] / "docker" / "common.sh"
+    for flavour, arch in (("cpu", "cpu"), ("gpu", "9.0")):
+        out = subprocess.run(["bash", "-c", f". {common}; required_ops {arch}"], capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert sorted(out) == sorted(DEFAULT_OPS[flavour].split(",")), (flavour, out)
+
+
 def test_required_ops_gpus_cpu_mode_port_clock():
     entries, probes = healthy(2)
     for p in probes.values():

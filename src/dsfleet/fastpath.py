@@ -13,7 +13,8 @@ rounding (the loss curves of both paths are compared in tests/test_bench.py and 
   three GEMMs use aligned tensor-core kernels — padded columns are -inf and take no probability;
 - `fused_activation`: GPT-2's tanh-approximated GELU as one kernel (the same formula);
 - `compile`: torch.compile of each repeated block (regional compilation: one compiled graph serves every
-  layer, state-dict keys unchanged), which DeepSpeed ZeRO-1/2 allows since their hooks are on gradients.
+  layer, state-dict keys unchanged), which DeepSpeed ZeRO-1/2 allows since their hooks are on gradients, and
+  of the fused loss's per-chunk softmax/gradient math.
 
 The fused loss reads the output embedding directly, which ZeRO-3 keeps partitioned: at stage 3 the model's
 own loss is used and the start line says so. `DSFLEET_PROFILE=DIR` profiles three steps (torch.profiler):
@@ -53,12 +54,30 @@ def _padded(weight: torch.Tensor) -> torch.Tensor:
     return F.pad(weight, (0, 0, 0, pad)) if pad else weight
 
 
+def _ce_math(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE of a chunk of logits and d(sum)/d(logits) (softmax - one-hot, zero on ignored rows) written as
+    plain tensor math, for torch.compile to fuse into a reduction and one pointwise pass (used with `compile`;
+    in eager mode the autograd of F.cross_entropy below makes fewer passes)."""
+    x = logits.to(_acc(logits.dtype))
+    lse = torch.logsumexp(x, dim=1, keepdim=True)
+    hit = torch.arange(x.shape[1], device=x.device) == targets[:, None]
+    valid = (targets != IGNORE_INDEX)[:, None]
+    loss = torch.where(hit & valid, lse - x, 0.0).sum()
+    grad = torch.where(valid, torch.exp(x - lse) - hit.to(x.dtype), 0.0)
+    return loss, grad.to(logits.dtype)
+
+
+_compiled_ce = None  # torch.compile(_ce_math) once `compile` is on
+
+
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int,
                 want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed CE of one chunk and, if asked, d(sum)/d(logits) in the model dtype (softmax - one-hot)."""
     logits = hidden @ weight.t()  # model dtype, like the lm_head's own matmul
     if logits.shape[1] > vocab:
         logits[:, vocab:] = float("-inf")
+    if want_grad and _compiled_ce is not None:
+        return _compiled_ce(logits, targets)
     with torch.enable_grad():
         upcast = logits.to(_acc(logits.dtype)).requires_grad_(want_grad)  # fp32 loss, as transformers' causal-LM loss
         loss = F.cross_entropy(upcast, targets, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -264,7 +283,17 @@ def apply(model, spec, family: str, zero_stage: int) -> FastPath:
             fast.parts.append("fused chunked cross-entropy")
     if spec.compile:
         fast.parts.append(f"torch.compile of {compile_blocks(model)} blocks")
+        if "fused chunked cross-entropy" in fast.parts:
+            compile_loss()
+            fast.parts.append("compiled cross-entropy")
     return fast
+
+
+def compile_loss() -> None:
+    """The fused loss's per-chunk softmax/gradient math through torch.compile (two fused kernels per chunk)."""
+    global _compiled_ce
+    _compiled_ce = torch.compile(_ce_math, backend=os.environ.get("DSFLEET_COMPILE_BACKEND", "inductor"),
+                                 dynamic=False)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from dsfleet.hostfile import HostEntry, over_capacity, read_hostfile
 CHECKS = ("ssh", "python", "torch", "deepspeed", "dsfleet", "ops", "devices", "workdir", "disk", "shm", "port",
           "clock", "nccl_env")
 # what docker/common.sh's required_ops builds into the image, per flavour
-DEFAULT_OPS = {"cpu": "cpu_adam,fused_adam,deepspeed_shm_comm", "gpu": "cpu_adam,fused_adam"}
+DEFAULT_OPS = {"cpu": "cpu_adam,async_io,deepspeed_shm_comm", "gpu": "cpu_adam,async_io,fused_adam"}
 ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_")
 MARKER = "DSFLEET_PREFLIGHT "
 GB = 1024 ** 3

@@ -30,8 +30,8 @@ TARGETS = ("hostfile", "slurm", "k8s", "mpijob")
 ALL_TARGETS = ("hostfile", "slurm", "k8s")  # --target all; the MPIJob flavour only on request
 MAX_PER_NODE = 16  # no node has more GPUs than this
 MAX_NODES = 4096
-DEFAULT_IMAGE = "dsfleet:cu124-sm90"  # what `make image` tags for H100s (CUDA 12.4, sm_90)
-IMAGE_UID = 1000  # the image's unprivileged user; pods run as it
+DEFAULT_IMAGE = "dsfleet:sm90"  # what `make image CUDA_ARCH=9.0` tags for H100/H200 (docker/build-image.sh)
+IMAGE_UID = 1001  # the image's unprivileged user (docker/Dockerfile USER_UID; 1000 is ubuntu:24.04's own user); pods run as it
 RUNS_MOUNT = "/checkpoints"  # the PVC in Kubernetes pods: run dirs and the HF cache
 CONFIG_MOUNT = "/etc/dsfleet"  # the ConfigMap: ds_config.json and the pod launcher
 DEFAULT_PORT = 29500
@@ -240,7 +240,7 @@ def check(launch: Launch) -> None:
     if launch.partition is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", launch.partition):
         fail(f"--partition {launch.partition!r} is not a partition name — use letters, digits, _ . -")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*", launch.image):
-        fail(f"--image {launch.image!r} is not an image reference — pass e.g. registry.example.com/dsfleet:cu124-sm90")
+        fail(f"--image {launch.image!r} is not an image reference — pass e.g. registry.example.com/dsfleet:sm90")
     if launch.container not in ("none", "pyxis", "apptainer"):
         fail(f"--container {launch.container!r} is not a container runtime — use none, pyxis or apptainer")
     if launch.storage is not None and not re.fullmatch(r"[1-9]\d*(Mi|Gi|Ti)", launch.storage):
