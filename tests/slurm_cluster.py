@@ -7,7 +7,8 @@ working one, so the tests drive Debian's own slurmctld/slurmd/munged.
 
 What it does: installs slurm-wlm + munge from Debian when they are missing (root + apt only), writes a minimal
 slurm.conf for this host (CPUs from nproc, no GPUs, proctrack/pgid + task/none: no cgroups, nothing that
-needs privileges a container lacks), starts munged, slurmctld and the slurmd(s) directly (no systemd), waits for
+needs privileges a container lacks; plus a `gpu` partition of two 8-GPU CLOUD nodes that no slurmd backs, so
+`sbatch --test-only -p gpu` judges the committed GPU scripts against the nodes they are written for), starts munged, slurmctld and the slurmd(s) directly (no systemd), waits for
 the nodes to be idle, and tears everything down by PID file. All config, state, logs, sockets and PID files live
 in one directory, DSFLEET_SLURM_DIR (default /tmp/dsfleet-slurm); Slurm's commands find it through
 SLURM_CONF=<dir>/slurm.conf (`cluster.env()` gives an environment with it set).
@@ -51,6 +52,7 @@ CRED_EXPIRE = 10              # s; Slurm also holds a requeued job for cred_expi
 START_TIMEOUT = 60            # s for the daemons to come up and the nodes to be idle
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 DAEMONS = ("munged", "slurmctld", "slurmd")
+GPU_NODES = 2  # fake GPU nodes of the `gpu` partition (the largest committed script asks for 2)
 CLIENTS = ("sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
 PACKAGES = ("slurm-wlm", "munge")
 
@@ -228,6 +230,12 @@ def _render(root: Path, plan: dict) -> str:
         "JobCompType=jobcomp/filetxt",
         f"JobCompLoc={root}/log/jobcomp.txt",
         "SwitchType=switch/none",
+        "GresTypes=gpu",
+        # power saving only so that the CLOUD gpu nodes count as startable; nothing ever resumes them
+        "SuspendProgram=/bin/true",
+        "ResumeProgram=/bin/true",
+        "SuspendTime=INFINITE",
+        "ResumeTimeout=600",
         "MpiDefault=none",
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_CPU",
@@ -246,7 +254,11 @@ def _render(root: Path, plan: dict) -> str:
         alias = f"dsfleet-{name}"  # distinct per node: the build refuses two nodes with one NodeHostname
         lines.append(f"NodeName={name} NodeHostname={alias} NodeAddr=127.0.0.1 Port={port + 1 + i} "
                      f"CPUs={plan['cpus_per_node']} RealMemory={plan['mem_mb']} State=UNKNOWN")
-    lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
+    lines.append(f"PartitionName=debug Nodes={','.join(plan['nodes'])} Default=YES MaxTime=INFINITE State=UP")
+    # The GPU nodes the committed scripts target (8 GPUs, 128 CPUs each), for `sbatch --test-only -p gpu` only:
+    # the controller judges the scripts against them; no slurmd backs them and no job is ever run on them.
+    lines.append(f"NodeName=gpu[1-{GPU_NODES}] CPUs=128 RealMemory=1000000 Gres=gpu:8 State=CLOUD")
+    lines.append(f"PartitionName=gpu Nodes=gpu[1-{GPU_NODES}] Default=NO MaxTime=INFINITE State=UP")
     return "\n".join(lines) + "\n"
 
 

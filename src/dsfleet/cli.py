@@ -51,4 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m dsfleet.cli` runs this file as __main__, a second copy of this module: the subcommands raise
+    # dsfleet.cli.UsageError, so dispatch through the imported module, whose class that is.
+    from dsfleet import cli as _cli
+    sys.exit(_cli.main())

@@ -834,6 +834,13 @@ def _growing(start: int):
 def choose_for_spec(spec_like, world_size: int, gpu_mem_bytes: int, cpu_mem_bytes: int) -> Candidate | None:
     """`zero: auto`: the fastest fitting ZeRO stage / offload / checkpointing for the spec's model, micro-batch,
     precision and lengths (the spec's micro-batch is kept; checkpointing is only ever switched on)."""
+    pl = plan_for_spec(spec_like, world_size, gpu_mem_bytes, cpu_mem_bytes)
+    return None if pl is None else pl.best
+
+
+def plan_for_spec(spec_like, world_size: int, gpu_mem_bytes: int, cpu_mem_bytes: int) -> Plan | None:
+    """The plan for exactly what a run spec trains: its model (preset or model dir), micro-batch, lengths,
+    precision, fused-path flags and accumulation, on `world_size` ranks; None when the model cannot be read."""
     shape = shape_for_spec(spec_like)
     if shape is None:
         return None
@@ -852,7 +859,15 @@ def choose_for_spec(spec_like, world_size: int, gpu_mem_bytes: int, cpu_mem_byte
               else None, fused_loss=bool(getattr(spec_like, "fused_loss", True)),
               fused_activation=bool(getattr(spec_like, "fused_activation", True)),
               grad_accum=int(getattr(spec_like, "gradient_accumulation_steps", 1) or 1))
-    return pl.best
+    return pl
+
+
+def _count_text(n: int) -> str:
+    """6.923B, 124.4M, 96.3K: parameter counts readable at every scale (tiny CPU presets included)."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.{3 if unit == 'B' else 1}f}{unit}"
+    return str(n)
 
 
 def check_heavier_stage(plan: Plan, user_stage: int) -> str | None:
@@ -897,7 +912,7 @@ def summary_rows(pl: Plan, precision: str | None = None) -> list[Candidate]:
 def format_plan(plan: Plan, show_all: bool = False) -> str:
     """The human table: GiB per GPU, CPU GiB per node, fit, and the cost relative to the best."""
     pl = plan
-    head = (f"{pl.model}: {pl.n_params / 1e9:.3f}B params (largest layer {pl.largest_layer / 1e6:.1f}M), "
+    head = (f"{pl.model}: {_count_text(pl.n_params)} params (largest layer {_count_text(pl.largest_layer)}), "
             f"{pl.nodes} node(s) x {pl.gpus_per_node} GPU(s) of {_gib(pl.gpu_mem_bytes)} GiB, "
             f"{_gib(pl.cpu_mem_bytes)} GiB CPU/node, "
             + (f"source {pl.seq_len} / target {pl.tgt_len} tokens" if pl.family == "t5" else f"{pl.seq_len} tokens")
