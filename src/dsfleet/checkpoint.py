@@ -4,6 +4,7 @@ that — so a kill -9 mid-save leaves `latest` on the previous, loadable checkpo
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -51,25 +52,113 @@ def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / COMPLETE).is_file() and (tag_dir / STATE_FILE).is_file()
 
 
+class CheckpointError(Exception):
+    """A save failed on some rank (disk full, read-only, I/O error); `latest` still names the last good one."""
+
+
+def _fault_point(where: str, step: int, rank: int) -> None:
+    """Fault injection for the reliability tests only: DSFLEET_FAULT_INJECT=kill_in_save:STEP:RANK kills that
+    rank with SIGKILL after its shards are on disk, before the save completes. Unset in real runs."""
+    spec = os.environ.get("DSFLEET_FAULT_INJECT", "")
+    if spec == f"{where}:{step}:{rank}":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save(engine, root: Path, step: int, state: dict[str, Any], *, rank: int, keep: int | None) -> Path:
     """Every rank calls this. Returns the checkpoint dir; `latest` points at it only once it is complete."""
     tag = f"step_{step}"
     tag_dir = root / tag
-    if rank == 0 and tag_dir.exists():  # a partial save of the same step from a killed run
-        shutil.rmtree(tag_dir)
-    _barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
-    _barrier()
+    error = None
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)  # here, not inside DeepSpeed's save (see below)
+            if tag_dir.exists():  # a partial save of the same step from a killed run
+                shutil.rmtree(tag_dir)
+        _check_room(root)
+    except OSError as e:
+        error = e
+    # Every rank must take part in the same collectives in the same order, or a failure on one rank hangs the
+    # others: the go/no-go is agreed first, and a rank whose DeepSpeed save raises still meets the barrier that
+    # ends DeepSpeed's save_checkpoint on the others (between its tag check and that barrier, a ZeRO 0-2 save
+    # runs no collective; the save dir exists already, so nothing fails before the tag check).
+    if _any_rank(error is not None):
+        _give_up(tag_dir, root, rank, error)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch.save wraps ENOSPC in RuntimeError
+        error = e
+        _barrier()
+    if error is None:
+        try:
+            torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+        except (OSError, RuntimeError) as e:
+            error = e
+    _fault_point("kill_in_save", step, rank)
+    if _any_rank(error is not None):
+        _give_up(tag_dir, root, rank, error)
     if rank == 0:
-        _write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=1))
-        _write_atomic(tag_dir / COMPLETE, "")
-        _write_atomic(root / "latest", tag)
-        if keep:
-            for old in sorted(completed(root), key=_step_of)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            _write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=1))
+            _write_atomic(tag_dir / COMPLETE, "")
+            _write_atomic(root / "latest", tag)
+        except OSError as e:
+            error = e
+    if _any_rank(error is not None):
+        _give_up(tag_dir, root, rank, error)
+    if rank == 0 and keep:
+        for old in sorted(completed(root), key=_step_of)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return tag_dir
+
+
+def _check_room(root: Path) -> None:
+    """Before a save: a read-only output dir, or less free space than the last checkpoint took, fails now —
+    on every rank alike, before DeepSpeed writes anything — instead of halfway through the files."""
+    st = os.statvfs(root if root.is_dir() else root.parent)  # other ranks may look before rank 0 made it
+    if st.f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, "Read-only file system", str(root))
+    last = max(completed(root), key=_step_of, default=None) if root.is_dir() else None
+    if last is not None:
+        needed = sum(p.stat().st_size for p in last.rglob("*") if p.is_file())
+        if st.f_bavail * st.f_frsize < needed:
+            raise OSError(errno.ENOSPC, "No space left on device", str(root))
+
+
+def _any_rank(flag: bool) -> bool:
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _diagnose(root: Path, latest: str | None) -> str | None:
+    """Name the usual causes plainly: torch.save reports a full disk as 'unexpected pos 128 vs 0'."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return "Read-only file system"
+    free = st.f_bavail * st.f_frsize
+    needed = sum(p.stat().st_size for p in (root / latest).rglob("*") if p.is_file()) if latest else 16 * 2**20
+    if free < needed:
+        return f"No space left on device: {free / 2**20:.1f} MiB free, a checkpoint needs about {needed / 2**20:.1f} MiB"
+    return None
+
+
+def _give_up(tag_dir: Path, root: Path, rank: int, error: Exception | None):
+    if rank == 0:
+        shutil.rmtree(tag_dir, ignore_errors=True)  # never leave a half checkpoint that looks loadable
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    reason = _diagnose(root, latest) or (f"{type(error).__name__}: {error}" if error else "failed on another rank")
+    kept = f"the last complete checkpoint {latest} is intact" if latest else "no earlier checkpoint exists"
+    raise CheckpointError(f"checkpoint save to {tag_dir} failed ({reason.splitlines()[0][:200]}) — {kept}; "
+                          "free space or make the output dir writable, then resume with --resume_from_checkpoint auto")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -124,6 +213,31 @@ def load(engine, tag_dir: Path, *, rank: int, load_optimizer: bool = True) -> di
     if rng_file.is_file() and state.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def saved_world_size(tag_dir: Path) -> int:
+    return int(json.loads((tag_dir / STATE_FILE).read_text()).get("world_size", 1))
+
+
+def to_universal(tag_dir: Path, *, rank: int) -> Path:
+    """A checkpoint saved on another world size -> DeepSpeed's universal format (rank 0 converts, all wait).
+    The original stays untouched; the universal copy sits beside it and carries dsfleet's state file."""
+    import subprocess
+    import sys
+    out = tag_dir.with_name(f"{tag_dir.name}_universal")
+    if rank == 0 and not (out / COMPLETE).is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(tag_dir), "--output_folder", str(out), "--num_extract_workers", "1",
+                               "--num_merge_workers", "1", "--inject_missing_state"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            fail(f"cannot convert {tag_dir} to a universal checkpoint for a new world size ({tail[0][:200]}) — "
+                 "resume on the world size it was saved with")
+        shutil.copy(tag_dir / STATE_FILE, out / STATE_FILE)
+        _write_atomic(out / COMPLETE, "")
+    _barrier()
+    return out
 
 
 def export_hf(engine, model, tokenizer, out_dir: Path, *, rank: int, zero_stage: int) -> None:
