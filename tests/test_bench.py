@@ -197,3 +197,20 @@ def test_gpu_suites_orchestration(tmp_path, monkeypatch):
     assert loss["target"] == 2e-2 and loss["pass"] and len(doc["loss_curves"]["gpt2_xl"]) == 20
     md = (tmp_path / "out" / "results.md").read_text()
     assert "failed, measured again" in md and "without torch.compile" in md and "2 x NVIDIA H100" in md
+
+
+def test_mamba_scan_path_is_reported_and_warned_on_gpu_without_kernels(monkeypatch):
+    """The kernel lookup is real (find_spec on mamba_ssm / causal_conv1d); the GPU side is only the flag this
+    CPU machine cannot make true: on a GPU without the packages the run warns once, naming the cost."""
+    monkeypatch.setattr(fastpath, "mamba_kernels_installed", lambda: False)
+    fast = fastpath.FastPath()
+    fastpath._mamba_scan(fast, on_gpu=True)
+    assert fast.tags == {"mamba_scan": "pytorch"}
+    assert len(fast.warnings) == 1 and "slower" in fast.warnings[0] and " — " in fast.warnings[0]
+    monkeypatch.setattr(fastpath, "mamba_kernels_installed", lambda: True)
+    fast = fastpath.FastPath()
+    fastpath._mamba_scan(fast, on_gpu=True)
+    assert fast.tags == {"mamba_scan": "cuda_kernels"} and not fast.warnings
+    fast = fastpath.FastPath()
+    fastpath._mamba_scan(fast, on_gpu=False)
+    assert fast.tags == {"mamba_scan": "pytorch"} and not fast.warnings

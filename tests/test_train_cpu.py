@@ -47,6 +47,12 @@ def test_causal_lm_two_ranks(tmp_path, preset):
     assert_loss_falls(out)
     ppl = [r["eval_perplexity"] for r in metrics(out) if "eval_perplexity" in r]
     assert ppl and ppl[-1] < 50, ppl
+    train_rows = [r for r in metrics(out) if "loss" in r]
+    if preset == "mamba_tiny":  # which scan ran is in every row; on CPU it can only be the PyTorch one
+        assert {r.get("mamba_scan") for r in train_rows} == {"pytorch"}, train_rows[:1]
+        assert "Mamba CUDA kernels (CPU run): pure-PyTorch scan" in proc.stdout
+    else:
+        assert all("mamba_scan" not in r for r in train_rows)
 
 
 def test_single_cpu_process_gradient_accumulation(tmp_path):

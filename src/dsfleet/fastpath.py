@@ -253,6 +253,8 @@ class FastPath:
     """What apply() switched on, for the start line and the run's records."""
     parts: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)  # facts every metrics row carries (e.g. the Mamba scan path)
+    warnings: list[str] = field(default_factory=list)   # one line each, printed by rank 0
 
     def describe(self) -> str:
         text = ", ".join(self.parts) or "off"
@@ -281,12 +283,38 @@ def apply(model, spec, family: str, zero_stage: int) -> FastPath:
         else:
             install_fused_loss(model, family)
             fast.parts.append("fused chunked cross-entropy")
+    if family == "mamba":
+        _mamba_scan(fast, on_gpu=next(model.parameters()).device.type == "cuda")
     if spec.compile:
         fast.parts.append(f"torch.compile of {compile_blocks(model)} blocks")
         if "fused chunked cross-entropy" in fast.parts:
             compile_loss()
             fast.parts.append("compiled cross-entropy")
     return fast
+
+
+MAMBA_KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
+
+
+def mamba_kernels_installed() -> bool:
+    """transformers' Mamba calls the selective-scan / causal-conv1d CUDA kernels when these packages import
+    (it resolves them when modeling_mamba is imported) and its pure-PyTorch scan otherwise."""
+    import importlib.util
+    return all(importlib.util.find_spec(name) is not None for name in MAMBA_KERNEL_PACKAGES)
+
+
+def _mamba_scan(fast: FastPath, on_gpu: bool) -> None:
+    if on_gpu and mamba_kernels_installed():
+        fast.tags["mamba_scan"] = "cuda_kernels"
+        fast.parts.append("Mamba selective scan + causal conv1d CUDA kernels")
+        return
+    fast.tags["mamba_scan"] = "pytorch"
+    if on_gpu:
+        fast.warnings.append(
+            "warning: mamba_ssm / causal_conv1d are not installed — Mamba runs transformers' pure-PyTorch scan, which "
+            "materialises the (batch, d_inner, seq, d_state) state tensors and is several times slower and larger "
+            "than the fused kernels; install them (the image builds them for CUDA_ARCH) for real runs")
+    fast.skipped.append("Mamba CUDA kernels (" + ("not installed" if on_gpu else "CPU run") + "): pure-PyTorch scan")
 
 
 def compile_loss() -> None:

@@ -65,8 +65,9 @@ class MetricsLog:
     """Rank 0 writes; other ranks hold a silent instance so the loop reads the same on every rank."""
 
     def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int, peak_tflops: float | None,
-                 world_size: int, show_progress: bool, report_to: list[str]):
+                 world_size: int, show_progress: bool, report_to: list[str], tags: dict[str, str] | None = None):
         self.enabled, self.peak, self.world = enabled, peak_tflops, world_size
+        self.tags = dict(tags or {})  # constant facts of the run in every train row (e.g. mamba_scan)
         self.path = out_dir / "metrics.jsonl"
         self.tb = self.bar = None
         self._window_start = time.perf_counter()
@@ -89,7 +90,7 @@ class MetricsLog:
         if not self.enabled:
             return {}
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
-        row = {"step": step, **values, "tokens_per_s": self._tokens * self.world / elapsed,
+        row = {"step": step, **self.tags, **values, "tokens_per_s": self._tokens * self.world / elapsed,
                "tflops": self._flops * self.world / elapsed / 1e12}
         row["tflops_per_gpu"] = row["tflops"] / self.world
         if self.peak:
@@ -119,8 +120,13 @@ class MetricsLog:
             self._window_start, self._tokens, self._flops = time.perf_counter(), 0.0, 0.0
 
     def _write(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full or read-only disk must not kill training; the next checkpoint save reports it
+            if not getattr(self, "_warned", False):
+                print(f"dsfleet: warning: cannot write {self.path} ({e.strerror}) — metrics are not recorded", flush=True)
+                self._warned = True
         if self.tb:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
