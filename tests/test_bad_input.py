@@ -1,65 +1,247 @@
-"""Bad input to the entry point: one line naming the problem and the fix, exit 2, nothing written or overwritten."""
+"""A catalogue of bad input: every entry point (train flags, presets, the YAML spec, ds_config JSON, hostfiles,
+dataset files, the launcher environment, plan/render/preflight/show-config) answers a malformed input with ONE
+line on stderr naming the problem and the fix ("what is wrong — what to do"), exit code 2, no traceback, and
+writes or overwrites nothing.
+
+Each case runs in its own empty directory (the process's working directory, so relative paths in the table
+are the paths the user typed); the directory is hashed before and after, so a stray file, a created
+--output_dir or a touched input fails the case. docs/bad_inputs.md lists every case with the line it gives;
+regenerate it with `.venv/bin/python -m tests.test_bad_input` (runs every case, rewrites the doc).
+"""
+from __future__ import annotations
+
 import hashlib
 import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from tests.launch import python_train
+from tests.launch import REPO, cpu_env, free_port
+
+DOC = REPO / "docs" / "bad_inputs.md"
+OUT = "run"  # every train case passes --output_dir run (relative to the case's directory)
+TRAIN_SUFFIX = ["--output_dir", OUT, "--no_progress"]
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
+              "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "DSFLEET_SSH_CONFIG")
 
 
-def snapshot(path):
-    return {p.relative_to(path): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+@dataclass(frozen=True)
+class Case:
+    id: str
+    surface: str  # cli | preset/model | yaml | ds_config | hostfile | dataset | env | plan | render | preflight | ...
+    argv: tuple[str, ...]  # ("train", ...) = python -m dsfleet.train ...; ("plan", ...) = dsfleet plan ...
+    expect: str  # a substring of the one line
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> text, created before the run
+    env: dict[str, str] = field(default_factory=dict)  # launcher/user environment for this case
+
+    def command(self) -> list[str]:
+        if self.argv[0] == "train":
+            return [sys.executable, "-m", "dsfleet.train", *self.argv[1:], *TRAIN_SUFFIX]
+        return [sys.executable, "-m", "dsfleet.cli", *self.argv]
+
+    def shown(self) -> str:
+        """The command as a user types it (for the doc)."""
+        env = " ".join(f"{k}={v}" for k, v in self.env.items())
+        head = "python -m dsfleet.train" if self.argv[0] == "train" else f"dsfleet {self.argv[0]}"
+        args = " ".join(_quote(a) for a in self.argv[1:])
+        return " ".join(x for x in (env, head, args) if x)
 
 
-def bad_run(args, out):
-    proc = python_train(args + ["--output_dir", str(out), "--no_progress"], timeout=180)
-    ours = [line for line in proc.stderr.splitlines() if line.startswith(("dsfleet", "python -m dsfleet.train"))]
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert len(ours) == 1, proc.stderr[-2000:]
-    return ours[0]
+def _quote(arg: str) -> str:
+    return repr(arg) if not arg or any(c in arg for c in " \"'{}[]") else arg
 
 
-TINY = ["--preset", "t5_tiny", "--from_scratch", "--dataset_name", "embedded", "--max_steps", "2"]
+def _json(obj) -> str:
+    return json.dumps(obj) + "\n"
 
 
-@pytest.fixture
-def no_columns(tmp_path):
-    f = tmp_path / "train.jsonl"
-    f.write_text(json.dumps({"en": "hello", "ro": "salut"}) + "\n")
-    return f
+TINY = ("--preset", "t5_tiny", "--from_scratch", "--dataset_name", "embedded", "--max_steps", "2")
+TINY_DATA = ("--preset", "t5_tiny", "--from_scratch", "--max_steps", "2")  # + a --train_file
+PAIR = _json({"translation": {"en": "hello", "ro": "salut"}})
+HOSTS = ("preflight", "--hostfile", "hosts", "--output-dir", OUT)
+
+CASES = [
+    # ---- train flags ------------------------------------------------------------------------------------------
+    Case("unknown-flag", "cli", ("train", *TINY, "--learning_rat", "1"), "unrecognized arguments: --learning_rat"),
+    Case("not-a-number", "cli", ("train", *TINY, "--learning_rate", "abc"), "--learning_rate: invalid float value: 'abc'"),
+    Case("not-a-bool", "cli", ("train", *TINY, "--bf16", "maybe"), "expected true/false, got 'maybe'"),
+    Case("zero-stage-5", "cli", ("train", *TINY, "--zero", "5"), "--zero 5: not one of the choices"),
+    Case("batch-size-0", "cli", ("train", *TINY, "--per_device_train_batch_size", "0"),
+         "--per_device_train_batch_size 0: must be > 0"),
+    Case("negative-lr", "cli", ("train", *TINY, "--learning_rate", "-0.001"), "--learning_rate -0.001: must be > 0"),
+    Case("fp16-and-bf16", "cli", ("train", *TINY, "--fp16", "--bf16"), "--fp16 and --bf16 both set"),
+    Case("offload-to-gpu", "cli", ("train", *TINY, "--offload_optimizer", "gpu"), "--offload_optimizer gpu: not one of the choices"),
+    Case("offload-param-zero2", "cli", ("train", *TINY, "--offload_param", "cpu"), "needs ZeRO stage 3"),
+    Case("nvme-without-path", "cli", ("train", *TINY, "--zero", "3", "--offload_optimizer", "nvme"), "--nvme_path"),
+    Case("negative-max-steps", "cli", ("train", *TINY[:-1], "-3"), "--max_steps -3 is not a step count"),
+    Case("overwrite-and-resume", "cli", ("train", *TINY, "--overwrite_output_dir", "--resume_from_checkpoint", "auto"),
+         "contradict each other"),
+    Case("resume-missing-checkpoint", "cli", ("train", *TINY, "--resume_from_checkpoint", "ckpt/step_9"),
+         "checkpoint ckpt/step_9 not found"),
+    Case("output-dir-is-a-file", "cli", ("train", *TINY), "is a file", files={OUT: "not a directory\n"}),
+    Case("output-dir-not-empty", "cli", ("train", *TINY), "exists and is not empty",
+         files={f"{OUT}/metrics.jsonl": _json({"step": 5, "loss": 1.0})}),
+    # ---- preset / model ---------------------------------------------------------------------------------------
+    Case("unknown-preset", "preset/model", ("train", "--preset", "t5_giant", "--from_scratch"), "unknown preset 't5_giant'"),
+    Case("no-weights", "preset/model", ("train", "--preset", "t5_tiny", "--dataset_name", "embedded"),
+         "pass --model_name_or_path"),
+    Case("scratch-without-architecture", "preset/model", ("train", "--from_scratch", "--dataset_name", "embedded"),
+         "--from_scratch without an architecture"),
+    Case("model-dir-missing", "preset/model", ("train", "--model_name_or_path", "./models/t5-base", "--dataset_name",
+                                               "embedded"), "--model_name_or_path ./models/t5-base: no such directory"),
+    Case("model-dir-missing-with-preset", "preset/model", ("train", "--preset", "t5_tiny", "--model_name_or_path",
+                                                           "./models/t5-base", "--dataset_name", "embedded"),
+         "--model_name_or_path ./models/t5-base: no such directory"),
+    Case("hub-model-unreachable", "preset/model", ("train", "--model_name_or_path", "t5-small", "--dataset_name",
+                                                   "embedded"), "cannot load model 't5-small'"),
+    Case("unsupported-model-type", "preset/model", ("train", "--model_name_or_path", "bert", "--dataset_name",
+                                                    "embedded"), "model type 'bert' is not supported",
+         files={"bert/config.json": _json({"model_type": "bert"})}),
+    # ---- YAML run spec (--config) -----------------------------------------------------------------------------
+    Case("yaml-missing", "yaml", ("train", *TINY, "--config", "run.yaml"), "config file run.yaml not found"),
+    Case("yaml-syntax", "yaml", ("train", *TINY, "--config", "run.yaml"), "run.yaml line 3 is not valid YAML",
+         files={"run.yaml": "preset: t5_tiny\nzero: [2\n"}),
+    Case("yaml-unknown-key", "yaml", ("train", *TINY, "--config", "run.yaml"), "unknown spec key 'learning_rat'",
+         files={"run.yaml": "learning_rat: 0.001\n"}),
+    Case("yaml-wrong-type", "yaml", ("train", *TINY, "--config", "run.yaml"), "run.yaml: per_device_train_batch_size 'lots': not a whole number",
+         files={"run.yaml": "per_device_train_batch_size: lots\n"}),
+    Case("yaml-top-level-list", "yaml", ("train", *TINY, "--config", "run.yaml"), "is a YAML list, not a mapping",
+         files={"run.yaml": "- preset: t5_tiny\n- zero: 2\n"}),
+    Case("yaml-bad-choice", "yaml", ("train", *TINY, "--config", "run.yaml"), "lr_scheduler_type 'polynomial': not one of the choices",
+         files={"run.yaml": "lr_scheduler_type: polynomial\n"}),
+    # ---- DeepSpeed config JSON (--deepspeed) ------------------------------------------------------------------
+    Case("ds-config-missing", "ds_config", ("train", *TINY, "--deepspeed", "missing.json"),
+         "DeepSpeed config missing.json not found"),
+    Case("ds-config-syntax", "ds_config", ("train", *TINY, "--deepspeed", "ds.json"), "line 1 is not valid JSON",
+         files={"ds.json": '{"train_batch_size": 8,}\n'}),
+    Case("ds-config-array", "ds_config", ("train", *TINY, "--deepspeed", "ds.json"), "is a JSON list, not an object",
+         files={"ds.json": "[1, 2]\n"}),
+    Case("ds-config-zero-stage-7", "ds_config", ("train", *TINY, "--deepspeed", "ds.json"), "zero_optimization.stage 7 is not a ZeRO stage",
+         files={"ds.json": _json({"zero_optimization": {"stage": 7}})}),
+    Case("ds-config-batch-arithmetic", "ds_config", ("train", *TINY, "--deepspeed", "ds.json",
+                                                     "--per_device_train_batch_size", "4"),
+         "train_batch_size 10 != micro batch 4 x grad accumulation 1 x world size 1",
+         files={"ds.json": _json({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4,
+                                  "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}})}),
+    Case("ds-config-batch-not-int", "ds_config", ("train", *TINY, "--deepspeed", "ds.json"),
+         "train_micro_batch_size_per_gpu is 'four'", files={"ds.json": _json({"train_micro_batch_size_per_gpu": "four"})}),
+    Case("ds-config-unfillable-auto", "ds_config", ("train", *TINY, "--deepspeed", "ds.json"),
+         '"auto" for scheduler.params.warmup_type',
+         files={"ds.json": _json({"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "auto"}}})}),
+    # ---- dataset files ----------------------------------------------------------------------------------------
+    Case("train-file-missing", "dataset", ("train", *TINY_DATA, "--train_file", "train.jsonl"),
+         "--train_file train.jsonl not found"),
+    Case("train-file-extension", "dataset", ("train", *TINY_DATA, "--train_file", "train.xlsx"), ".xlsx",
+         files={"train.xlsx": "en,ro\nhello,salut\n"}),
+    Case("train-file-empty", "dataset", ("train", *TINY_DATA, "--train_file", "train.jsonl"), "--train_file train.jsonl is empty",
+         files={"train.jsonl": ""}),
+    Case("train-file-bad-json", "dataset", ("train", *TINY_DATA, "--train_file", "train.jsonl"),
+         "cannot read train.jsonl (ArrowInvalid: JSON parse error", files={"train.jsonl": PAIR + "{not json\n"}),
+    Case("train-file-no-column", "dataset", ("train", *TINY_DATA, "--train_file", "train.jsonl"),
+         "no 'translation' column", files={"train.jsonl": _json({"en": "hello", "ro": "salut"})}),
+    Case("train-file-wrong-language", "dataset", ("train", *TINY_DATA, "--train_file", "train.jsonl"),
+         "no language 'ro'", files={"train.jsonl": _json({"translation": {"en": "hello", "de": "hallo"}})}),
+    Case("too-few-samples", "dataset", ("train", *TINY_DATA, "--train_file", "train.jsonl",
+                                        "--per_device_train_batch_size", "4"), "only 1 training samples",
+         files={"train.jsonl": PAIR}),
+    Case("unknown-dataset-name", "dataset", ("train", *TINY_DATA, "--dataset_name", "no_such_org/no_such_dataset"),
+         "cannot load dataset 'no_such_org/no_such_dataset'"),
+    Case("no-data", "dataset", ("train", *TINY_DATA), "no data given"),
+    # ---- launcher environment ---------------------------------------------------------------------------------
+    Case("rank-without-world-size", "env", ("train", *TINY), "RANK is set but WORLD_SIZE is not", env={"RANK": "0"}),
+    Case("world-size-not-int", "env", ("train", *TINY), "WORLD_SIZE='abc' is not an integer",
+         env={"RANK": "0", "WORLD_SIZE": "abc"}),
+    Case("rank-outside-world", "env", ("train", *TINY), "rank 3 is outside world size 2",
+         env={"RANK": "3", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}),
+    Case("world-without-master", "env", ("train", *TINY), "MASTER_ADDR is not set", env={"RANK": "0", "WORLD_SIZE": "2"}),
+    Case("master-port-not-a-port", "env", ("train", *TINY), "MASTER_PORT='notaport'", env={"MASTER_PORT": "notaport"}),
+    Case("master-port-out-of-range", "env", ("train", *TINY), "MASTER_PORT=70000", env={"MASTER_PORT": "70000"}),
+    Case("slurm-task-not-int", "env", ("train", *TINY), "SLURM_PROCID='x' is not an integer",
+         env={"SLURM_PROCID": "x", "SLURM_STEP_NUM_TASKS": "2"}),
+    # ---- hostfiles --------------------------------------------------------------------------------------------
+    Case("hostfile-missing", "hostfile", HOSTS, "hostfile hosts not found"),
+    Case("hostfile-no-slots", "hostfile", HOSTS, "hosts:2: host node-1 has no slots",
+         files={"hosts": "node-0 slots=8\nnode-1\n"}),
+    Case("hostfile-slots-0", "hostfile", HOSTS, "hosts:1: slots=0 for node-0", files={"hosts": "node-0 slots=0\n"}),
+    Case("hostfile-duplicate-host", "hostfile", HOSTS, "host node-0 is listed twice",
+         files={"hosts": "node-0 slots=8\nnode-1 slots=8\nnode-0 slots=8\n"}),
+    Case("hostfile-empty", "hostfile", HOSTS, "hosts: no hosts", files={"hosts": "# no machines yet\n\n"}),
+    Case("hostfile-spaces-around-equals", "hostfile", HOSTS, "spaces around '='", files={"hosts": "node-0 slots = 8\n"}),
+    Case("render-hostfile-bad", "render", ("render", "--preset", "t5_tiny", "--target", "hostfile", "--hostfile",
+                                           "hosts", "--out", OUT), "slots='eight'", files={"hosts": "node-0 slots=eight\n"}),
+    # ---- plan / render / preflight / show-config --------------------------------------------------------------
+    Case("unknown-command", "cli", ("frobnicate",), "unknown command 'frobnicate'"),
+    Case("render-unknown-preset", "render", ("render", "--preset", "nope", "--target", "slurm", "--out", OUT),
+         "unknown preset 'nope'"),
+    Case("render-unknown-target", "render", ("render", "--preset", "t5_tiny", "--target", "lsf", "--out", OUT),
+         "unknown target 'lsf'"),
+    Case("plan-zero-gpus", "plan", ("plan", "--preset", "t5_3b", "--gpus", "0"), "--gpus 0 --nodes 1: both must be >= 1"),
+    Case("plan-gpus-not-int", "plan", ("plan", "--preset", "t5_3b", "--gpus", "two"), "--gpus: invalid int value: 'two'"),
+    Case("plan-bad-memory-unit", "plan", ("plan", "--preset", "t5_3b", "--gpu-mem", "80XB"), "cannot read size '80XB'"),
+    Case("plan-no-model", "plan", ("plan", "--gpus", "8"), "no model given"),
+    Case("preflight-no-hostfile", "preflight", ("preflight",), "--hostfile"),
+    Case("preflight-master-port-env", "preflight", HOSTS, "MASTER_PORT='notaport'",
+         files={"hosts": "localhost slots=1\n"}, env={"MASTER_PORT": "notaport"}),
+    Case("show-config-bad-flag", "show-config", ("show-config", "--", "--preset", "t5_tiny", "--from_scratch", "--zero", "5"),
+         "--zero 5"),
+]
 
 
-@pytest.fixture
-def bad_batch_config(tmp_path):
-    f = tmp_path / "ds.json"
-    f.write_text(json.dumps({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4,
-                             "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}))
-    return f
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every file (sha256, mtime) and directory (mtime) under root, root included: a file rewritten with the same
+    bytes, or one created and removed again, changes it too."""
+    return {str(p.relative_to(root)): ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest(),
+                                       p.stat().st_mtime_ns)
+            for p in [root, *sorted(root.rglob("*"))]}
 
 
-CASES = {
-    "unknown preset": (lambda p: ["--preset", "t5_giant", "--from_scratch"], "unknown preset 't5_giant'"),
-    "unknown flag": (lambda p: TINY + ["--learning_rat", "1"], "unrecognized arguments: --learning_rat"),
-    "no weights": (lambda p: ["--preset", "t5_tiny", "--dataset_name", "embedded"], "pass --model_name_or_path"),
-    "missing column": (lambda p: ["--preset", "t5_tiny", "--from_scratch", "--train_file", str(p["no_columns"])],
-                       "no 'translation' column"),
-    "batch arithmetic": (lambda p: TINY + ["--deepspeed", str(p["bad_batch_config"]), "--per_device_train_batch_size", "4"],
-                         "train_batch_size 10 != micro batch 4 x grad accumulation 1 x world size 1"),
-    "unreadable ds_config": (lambda p: TINY + ["--deepspeed", str(p["tmp"] / "missing.json")], "not found"),
-    "hub model unreachable": (lambda p: ["--model_name_or_path", "t5-small", "--dataset_name", "embedded"],
-                              "cannot load model 't5-small'"),
-}
+def case_env(case: Case) -> dict[str, str]:
+    env = cpu_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # the hub is unreachable
+    for key in LAUNCH_ENV:
+        env.pop(key, None)
+    env["MASTER_PORT"] = str(free_port())  # cases that reach the rendezvous must not collide with other runs
+    env.update(case.env)
+    return env
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_writes_nothing(case, tmp_path, no_columns, bad_batch_config):
-    build, words = CASES[case]
-    out = tmp_path / "run"
-    line = bad_run(build({"no_columns": no_columns, "bad_batch_config": bad_batch_config, "tmp": tmp_path}), out)
-    assert words in line, line
-    assert " — " in line  # what is wrong — what to do
-    assert not out.exists()
+def ours(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(("dsfleet", "python -m dsfleet.train"))]
+
+
+def make_files(case: Case, workdir: Path) -> None:
+    for rel, text in case.files.items():
+        (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / rel).write_text(text)
+
+
+def run(case: Case, workdir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(case.command(), cwd=workdir, env=case_env(case), capture_output=True, text=True, timeout=180)
+
+
+def test_catalogue_is_big_enough_and_ids_unique():
+    assert len(CASES) >= 34
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, tmp_path):
+    make_files(case, tmp_path)
+    before = snapshot(tmp_path)
+    proc = run(case, tmp_path)
+    lines = ours(proc.stderr)
+    why = f"exit {proc.returncode}\n--- stderr\n{proc.stderr[-3000:]}\n--- stdout\n{proc.stdout[-1500:]}"
+    assert proc.returncode == 2, why
+    assert "Traceback" not in proc.stderr + proc.stdout, why
+    assert len(lines) == 1, why
+    assert " — " in lines[0], why  # what is wrong — what to do
+    assert case.expect in lines[0], why
+    if not any(rel.split("/")[0] == OUT for rel in case.files):
+        assert not (tmp_path / OUT).exists(), why
+    assert snapshot(tmp_path) == before, why
 
 
 def test_existing_output_dir_is_not_clobbered(tmp_path):
@@ -67,7 +249,67 @@ def test_existing_output_dir_is_not_clobbered(tmp_path):
     (out / "checkpoints" / "step_5").mkdir(parents=True)
     (out / "checkpoints" / "step_5" / "weights.pt").write_bytes(b"precious")
     (out / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n')
-    before = snapshot(out)
-    line = bad_run(TINY, out)
-    assert "exists and is not empty" in line and "--overwrite_output_dir" in line
-    assert snapshot(out) == before
+    before = snapshot(tmp_path)
+    proc = run(Case("existing-output-dir", "cli", ("train", *TINY), ""), tmp_path)
+    lines = ours(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "exists and is not empty" in lines[0] and "--overwrite_output_dir" in lines[0] and " — " in lines[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_doc_lists_every_case():
+    text = DOC.read_text()
+    missing = [c.id for c in CASES if f"`{c.id}`" not in text]
+    assert not missing, f"{DOC} lacks {missing} — regenerate it: .venv/bin/python -m tests.test_bad_input"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# docs/bad_inputs.md, generated from the cases above
+
+DOC_HEAD = """# Bad input: what dsfleet says
+
+Every malformed input below gets **one line** on stderr — *what is wrong — what to do* — exit code **2**, no
+traceback, and nothing written or overwritten (no `--output_dir` is created, an existing one is left as it was).
+The table is the catalogue `tests/test_bad_input.py` checks, with the line each case really printed. Regenerate it
+after changing a message: `.venv/bin/python -m tests.test_bad_input` (runs every case, about two minutes).
+
+How the cases run: each in its own empty directory, so the paths are the ones typed. `python -m dsfleet.train`
+cases also pass `--output_dir run --no_progress`; every case runs with `DS_ACCELERATOR=cpu` and the Hugging Face
+hub offline (`HF_HUB_OFFLINE=1`), which is what "unreachable" means below. Files a case creates are listed under
+the command, their text as a JSON string. `dsfleet X` is `python -m dsfleet.cli X`.
+
+| # | id | surface | input | the line |
+| --- | --- | --- | --- | --- |
+"""
+
+
+def _code(text: str) -> str:
+    """Inline code in a table cell: pipes escaped, backticks inside allowed (double-backtick span)."""
+    text = text.replace("|", "\\|")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def write_doc() -> int:
+    rows, bad = [], []
+    for n, case in enumerate(CASES, 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            make_files(case, Path(tmp))
+            proc = run(case, Path(tmp))
+            lines = ours(proc.stderr)
+            line = lines[0].replace(tmp, ".") if len(lines) == 1 else f"(exit {proc.returncode}, {len(lines)} lines)"
+        if proc.returncode != 2 or len(lines) != 1:
+            bad.append(case.id)
+        files = "<br>".join(f"file `{rel}`: {_code(json.dumps(text, ensure_ascii=False))}"
+                            for rel, text in case.files.items())
+        given = _code(case.shown()) + (f"<br>{files}" if files else "")
+        rows.append(f"| {n} | `{case.id}` | {case.surface} | {given} | {_code(line)} |")
+        print(f"{case.id}: {line}", file=sys.stderr)
+    DOC.write_text(DOC_HEAD + "\n".join(rows) + "\n")
+    print(f"wrote {DOC} ({len(rows)} cases)", file=sys.stderr)
+    if bad:
+        print(f"not one line / exit 2: {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(write_doc())

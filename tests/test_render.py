@@ -343,7 +343,7 @@ def _one_line_exit_2(args: list[str], out: Path, words: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert words in lines[0], lines[0]
-    assert " — " in lines[0] or "flag --zero: Input should be" in lines[0], lines[0]  # spec.py's wording has no fix
+    assert " — " in lines[0], lines[0]  # what is wrong — what to do
     assert not out.exists(), "bad input wrote files"
 
 

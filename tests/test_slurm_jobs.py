@@ -163,23 +163,23 @@ def test_two_nodes_meet_at_the_first_host_of_the_nodelist(slurm_cluster, tmp_pat
 
 
 def test_every_committed_sbatch_passes_test_only(slurm_cluster, script, tmp_path):  # noqa: F811
-    """The controller parses every directive of every committed script. The local cluster has a few CPUs per node
-    and no GPUs, so each GPU script is checked as written (accepted, or refused only for its GPU request) and with
-    its sizes scaled to the cluster (0 GPUs, 1 task of 1 CPU per node), which must be accepted; the CPU-mode tiny
-    script as written."""
+    """The controller judges every directive of every committed script: as written against the `gpu` partition
+    of 8-GPU nodes it is written for (tests/slurm_cluster.py: CLOUD nodes no slurmd backs), and with its sizes
+    scaled to the real CPU nodes (0 GPUs, 1 task of 1 CPU per node); a node-too-small request is refused. The
+    CPU-mode tiny script is checked as written."""
     proc = slurm_cluster.run("sbatch", "--test-only", script, cwd=tmp_path, check=False)
     assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
     committed = sorted((REPO / "slurm").glob("*.sbatch"))
-    assert committed, "no committed slurm/*.sbatch"
+    assert len(committed) >= 5, committed
     for path in committed:
         text = path.read_text()
         nodes = int(re.search(r"^#SBATCH --nodes=(\d+)$", text, re.M).group(1))
-        as_written = slurm_cluster.run("sbatch", "--test-only", path, cwd=tmp_path, check=False)
-        if as_written.returncode != 0:  # a controller without GPUs: the GPU request must be its only objection
-            assert "Invalid generic resource" in as_written.stderr, f"{path.name}: {as_written.stderr}"
-        else:
-            assert "to start at" in as_written.stderr, f"{path.name}: {as_written.stderr}"
+        as_written = slurm_cluster.run("sbatch", "--test-only", "-p", "gpu", path, cwd=tmp_path, check=False)
+        assert as_written.returncode == 0 and "in partition gpu" in as_written.stderr, f"{path.name}: {as_written.stderr}"
         scaled = slurm_cluster.run("sbatch", "--test-only", "--gpus-per-node=0", "--ntasks-per-node=1",
                                    "--cpus-per-task=1", f"--nodes={min(nodes, len(slurm_cluster.nodes))}", path,
                                    cwd=tmp_path, check=False)
         assert scaled.returncode == 0 and "to start at" in scaled.stderr, f"{path.name}: {scaled.stderr}"
+    too_many = slurm_cluster.run("sbatch", "--test-only", "-p", "gpu", "--gpus-per-node=9", committed[0], cwd=tmp_path,
+                                 check=False)
+    assert too_many.returncode != 0 and "not available" in too_many.stderr, too_many

@@ -25,6 +25,14 @@ def fail(message: str) -> NoReturn:
     raise UsageError(message)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line naming the problem and the fix (no usage block), exit 2."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D401
+        print(f"{self.prog}: {message} — see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
@@ -40,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     if name == "train":  # the trainer owns its whole argument list (run_translation.py flags)
         return int(module.main(rest) or 0)
-    parser = argparse.ArgumentParser(prog=f"dsfleet {name}", description=COMMANDS[name][1])
+    parser = OneLineParser(prog=f"dsfleet {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:

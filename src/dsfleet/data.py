@@ -33,7 +33,7 @@ def load_raw(spec) -> dict[str, Any]:
     """The raw splits as `datasets` objects: {'train': ..., 'validation': ..., 'test': ...} (those present)."""
     import datasets
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is said once, below, not logged too
     if spec.dataset_name == EMBEDDED:
         files, builder = embedded_files(spec.task), "json"
     elif spec.train_file or spec.validation_file or spec.test_file:
@@ -44,13 +44,17 @@ def load_raw(spec) -> dict[str, Any]:
                 fail(f"--{split}_file {path} not found — pass an existing file")
         exts = {Path(p).suffix for p in files.values()}
         if len(exts) != 1 or not exts <= set(_BUILDERS):
-            fail(f"data files must share one of the extensions {', '.join(_BUILDERS)} (got {', '.join(sorted(exts))})")
+            fail(f"data files {', '.join(files.values())} have the extension(s) {', '.join(sorted(exts)) or '(none)'} "
+                 f"— use one of {', '.join(_BUILDERS)} for all of them (convert the file or rename it)")
+        for split, path in files.items():
+            if Path(path).stat().st_size == 0:
+                fail(f"--{split}_file {path} is empty — give it at least one row of data")
         builder = _BUILDERS[exts.pop()]
     elif spec.dataset_name:
         try:
             loaded = datasets.load_dataset(spec.dataset_name, spec.dataset_config_name)
         except Exception as e:  # hub unreachable, unknown name, bad local dir: all one line
-            fail(f"cannot load dataset {spec.dataset_name!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}) "
+            fail(f"cannot load dataset {spec.dataset_name!r} ({_why(e)}) "
                  "— pass a local dir or --train_file/--validation_file, or --dataset_name embedded")
         return dict(loaded)
     else:
@@ -59,7 +63,16 @@ def load_raw(spec) -> dict[str, Any]:
     try:
         return dict(datasets.load_dataset(builder, data_files=files))
     except Exception as e:
-        fail(f"cannot read data files ({type(e).__name__}: {str(e).splitlines()[0][:160]}) — check their format")
+        fail(f"cannot read {', '.join(files.values())} ({_why(e)}) — fix the file: .json/.jsonl one JSON object "
+             "per line, .csv a header row then rows, .txt one text per line")
+
+
+def _why(e: BaseException) -> str:
+    """`Type: first line` of an exception, looking through `datasets`' generic wrapper to the parser's error."""
+    while type(e).__name__ == "DatasetGenerationError" and (e.__cause__ or e.__context__):
+        e = e.__cause__ or e.__context__
+    first = (str(e).strip().splitlines() or [""])[0][:160]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int, save_dir: Path):
@@ -111,6 +124,21 @@ def check_columns(spec, raw) -> None:
         elif spec.text_column not in ds.column_names:
             fail(f"{split} data has no {spec.text_column!r} column (columns: {', '.join(ds.column_names)}) — "
                  "pass --text_column")
+
+
+def check_train_size(spec, raw, world_size: int) -> None:
+    """Too little training data is said before the run dir is made (the batch order checks again, exactly)."""
+    if not spec.do_train or "train" not in raw:
+        return
+    n = len(raw["train"])
+    if spec.max_train_samples:
+        n = min(n, spec.max_train_samples)
+    need = spec.per_device_train_batch_size * world_size
+    if n == 0:
+        fail("the training data has no rows — give --train_file (or the dataset's train split) at least one row")
+    if spec.task == "translation" and n < need:  # one row, one sample (causal LM rows are packed into blocks later)
+        fail(f"only {n} training samples for micro batch {spec.per_device_train_batch_size} x world size {world_size} "
+             "— give more data or a smaller --per_device_train_batch_size")
 
 
 def tokenize(spec, raw, tokenizer) -> dict[str, Any]:

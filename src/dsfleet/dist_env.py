@@ -47,11 +47,16 @@ def _int(env: Mapping[str, str], key: str) -> int:
     try:
         return int(env[key])
     except ValueError:
-        fail(f"{key}={env[key]!r} is not an integer — fix the launcher environment")
+        fail(f"{key}={env[key]!r} is not an integer — fix the launcher environment (or unset {key})")
 
 
 def _port(env: Mapping[str, str], default: int = DEFAULT_PORT) -> int:
-    return _int(env, "MASTER_PORT") if "MASTER_PORT" in env else default
+    if "MASTER_PORT" not in env:
+        return default
+    port = _int(env, "MASTER_PORT")
+    if not 1 <= port <= 65535:
+        fail(f"MASTER_PORT={port} is not a TCP port — export a free port in 1..65535 (e.g. {DEFAULT_PORT})")
+    return port
 
 
 def discover(env: Mapping[str, str] | None = None,
@@ -78,7 +83,7 @@ def discover(env: Mapping[str, str] | None = None,
         local_size = env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or env.get("MPI_LOCALNRANKS")
         if "MASTER_ADDR" in env:
             master = env["MASTER_ADDR"]
-        elif local_size and int(local_size) == world:
+        elif local_size and local_size.strip().isdigit() and int(local_size) == world:
             master = "127.0.0.1"  # every rank on this host
         elif mpi_master is not None:
             master = mpi_master()
@@ -90,16 +95,22 @@ def discover(env: Mapping[str, str] | None = None,
         local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
         master = env.get("MASTER_ADDR") or first_host(nodelist)
-        job_port = DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000  # distinct jobs sharing a node
+        job = _int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
+        job_port = DEFAULT_PORT + job % 1000  # distinct jobs sharing a node
         return _checked(DistEnv(rank, world, local, master, _port(env, job_port), "slurm"))
     return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), _port(env), "single")
 
 
+_SOURCE_WORDS = {"env": "RANK/WORLD_SIZE", "openmpi": "OpenMPI env", "mpich": "MPICH env", "slurm": "Slurm env"}
+
+
 def _checked(d: DistEnv) -> DistEnv:
+    where = _SOURCE_WORDS.get(d.source, d.source)
     if d.world_size < 1 or not 0 <= d.rank < d.world_size:
-        fail(f"rank {d.rank} is outside world size {d.world_size} ({d.source} env) — fix the launcher environment")
+        fail(f"rank {d.rank} is outside world size {d.world_size} ({where}) — fix the launcher environment "
+             "(0 <= rank < world size)")
     if d.local_rank < 0:
-        fail(f"local rank {d.local_rank} is negative ({d.source} env) — fix the launcher environment")
+        fail(f"local rank {d.local_rank} is negative ({where}) — fix the launcher environment")
     return d
 
 

@@ -31,7 +31,8 @@ def read_user_config(path_or_name: str) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         fail(f"DeepSpeed config {path} line {e.lineno} is not valid JSON ({e.msg}) — fix the syntax")
     if not isinstance(data, dict):
-        fail(f"DeepSpeed config {path} must be a JSON object, got {type(data).__name__}")
+        fail(f"DeepSpeed config {path} is a JSON {type(data).__name__}, not an object — write one JSON object of "
+             "DeepSpeed keys, e.g. {\"zero_optimization\": {\"stage\": 2}}")
     return data
 
 
@@ -143,8 +144,9 @@ def check(config: dict[str, Any], *, world_size: int, on_cpu: bool, accelerator_
     gas = config.get("gradient_accumulation_steps")
     total = config.get("train_batch_size")
     if not all(isinstance(v, int) and v > 0 for v in (micro, gas, total)):
-        fail("DeepSpeed config needs positive integer train_micro_batch_size_per_gpu, gradient_accumulation_steps "
-             "and train_batch_size (or \"auto\")")
+        bad = next(k for k, v in zip(("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                      "train_batch_size"), (micro, gas, total)) if not (isinstance(v, int) and v > 0))
+        fail(f"DeepSpeed config {bad} is {config.get(bad)!r} — set it to a positive integer or \"auto\"")
     if micro * gas * world_size != total:
         fail(f"train_batch_size {total} != micro batch {micro} x grad accumulation {gas} x world size {world_size} "
              f"(= {micro * gas * world_size}) — fix one of them")
@@ -158,4 +160,11 @@ def check(config: dict[str, Any], *, world_size: int, on_cpu: bool, accelerator_
 
 
 def zero_stage_of(config: dict[str, Any]) -> int:
-    return int(config.get("zero_optimization", {}).get("stage", 0))
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        fail(f"DeepSpeed config zero_optimization is {zero!r}, not an object — write e.g. "
+             "\"zero_optimization\": {\"stage\": 2}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        fail(f"DeepSpeed config zero_optimization.stage {stage!r} is not a ZeRO stage — use 0, 1, 2 or 3")
+    return int(stage)

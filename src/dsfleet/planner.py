@@ -610,7 +610,7 @@ def _resolve_shape(params, preset, seq_len) -> ModelShape:
     n = parse_count(params)
     if n <= 0:
         from dsfleet.cli import fail
-        fail(f"--params must be positive, got {params!r}")
+        fail(f"--params {params} is not a positive parameter count — write it like 6.9e9, 6.9B or 350M")
     return generic_shape(n, seq_len)
 
 
@@ -726,11 +726,12 @@ def plan(*, params=None, preset: str | None = None, shape: ModelShape | None = N
     hardware, the fastest fitting one as `best`, and a one-line `reason` (or what would fit, if nothing does)."""
     from dsfleet.cli import fail
     if gpus < 1 or nodes < 1:
-        fail(f"--gpus and --nodes must be >= 1 (got {gpus} x {nodes})")
+        fail(f"--gpus {gpus} --nodes {nodes}: both must be >= 1 — pass the GPUs per node and the node count, "
+             "e.g. --gpus 8 --nodes 2")
     if precision is not None and precision not in PRECISIONS:
         fail(f"unknown precision {precision!r} — use one of {', '.join(PRECISIONS)}")
     if micro_batch is not None and micro_batch < 1:
-        fail(f"--micro-batch must be >= 1, got {micro_batch}")
+        fail(f"--micro-batch {micro_batch} must be >= 1 — pass a positive micro-batch, or leave it out to try 1..64")
     shape = shape or _resolve_shape(params, preset, seq_len)
     seq = seq_len or shape.seq_len
     tgt = (tgt_len or shape.tgt_len or seq) if shape.family == "t5" else 0

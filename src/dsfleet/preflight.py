@@ -63,7 +63,7 @@ def add_arguments(parser) -> None:
                         "checked there on every host (relative paths: from this directory, as the launcher does)")
     parser.add_argument("--min-free-gb", type=float, default=20.0, help="free disk needed at --output-dir (20)")
     parser.add_argument("--min-shm-gb", type=float, default=1.0, help="/dev/shm size needed (1)")
-    parser.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)),
+    parser.add_argument("--master-port", type=int, default=None,
                         help="rendezvous port that must be free on the first host (default $MASTER_PORT or 29500)")
     parser.add_argument("--max-clock-skew", type=float, default=2.0, help="seconds a host's clock may differ from "
                         "the first host's (2)")
@@ -101,6 +101,12 @@ def options(args) -> Options:
     for flag in ("timeout", "connect_timeout"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive — pass e.g. 60")
+    if args.master_port is None:  # the default: the MASTER_PORT the launcher will use, else DeepSpeed's 29500
+        env_port = os.environ.get("MASTER_PORT", "29500")
+        if not env_port.strip().isdigit() or not 1 <= int(env_port) <= 65535:
+            fail(f"MASTER_PORT={env_port!r} (environment) is not a TCP port — export 1..65535 (e.g. 29500), or pass "
+                 "--master-port")
+        args.master_port = int(env_port)
     if not 1 <= args.master_port <= 65535:
         fail(f"--master-port {args.master_port} is not a TCP port — pass 1..65535 (e.g. 29500)")
     ops_text = DEFAULT_OPS["cpu" if args.cpu else "gpu"] if args.require_ops is None else args.require_ops
@@ -475,7 +481,7 @@ def evaluate(entries: list[HostEntry], probes: dict[str, HostProbe], opts: Optio
             report.cells[h]["port"] = Cell("ok", f"{opts.master_port} free")
         else:
             report.cells[h]["port"] = Cell("fail", f"{opts.master_port} busy", f"master port {opts.master_port} is "
-                                           f"in use ({r.get('port_error')}) — pass --master_port with a free port")
+                                           f"in use ({r.get('port_error')}) — pick a free port: preflight --master-port N, then the launcher's --master_port N")
 
     clocked = [h for h in order if probes[h].clock_offset is not None and probes[h].error is None]
     if clocked:

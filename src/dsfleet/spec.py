@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -112,7 +112,10 @@ class RunSpec(BaseModel):
         if self.offload_param != "none" and self.zero not in (3, "auto"):
             raise ValueError(f"offload_param={self.offload_param} needs ZeRO stage 3 (got zero={self.zero}) — use --zero 3")
         if "nvme" in (self.offload_optimizer, self.offload_param) and not self.nvme_path:
-            raise ValueError("NVMe offload needs --nvme_path DIR on a fast local disk")
+            raise ValueError("NVMe offload needs --nvme_path — pass --nvme_path DIR on a fast local disk")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps {self.max_steps} is not a step count — pass a positive number of optimizer "
+                             "steps, or -1 (the default) to train --num_train_epochs")
         return self
 
     @property
@@ -183,7 +186,8 @@ def load_yaml(path: str) -> dict[str, Any]:
         where = f" line {mark.line + 1}" if mark else ""
         fail(f"config file {path}{where} is not valid YAML — fix the syntax ({getattr(e, 'problem', e)})")
     if not isinstance(data, dict):
-        fail(f"config file {path} must be a mapping of spec keys to values, got {type(data).__name__}")
+        fail(f"config file {path} is a YAML {type(data).__name__}, not a mapping — write one `key: value` line per "
+             "spec key (the train flags without --), e.g. `zero: 3`")
     return data
 
 
@@ -200,13 +204,64 @@ def merge_spec(cli: dict[str, Any], yaml_path: str | None = None) -> RunSpec:
     try:
         return RunSpec(**merged)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "spec"
-        source = "flag --" + where if where in cli else (f"{yaml_path}: {where}" if where in from_yaml else where)
+        fail(describe_error(e.errors()[0], cli, from_yaml, yaml_path))
+
+
+def describe_error(err: dict[str, Any], cli: dict[str, Any], from_yaml: dict[str, Any], yaml_path: str | None) -> str:
+    """One pydantic error as `WHERE VALUE: what is wrong — what to pass`, WHERE the flag or YAML key that set it."""
+    loc = err.get("loc") or ()
+    if not loc:  # the model validator: its message names the flags and the fix
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            fail(f"unknown spec key {where!r} in {yaml_path or 'spec'} — valid keys are the train flags (see --help)")
-        fail(f"{source}: {msg}" if where == "spec" else f"{source}: {msg} (got {err.get('input')!r})")
+        return msg if " — " in msg else f"{msg} — see --help"
+    name = str(loc[0])
+    if err["type"] == "extra_forbidden":
+        return f"unknown spec key {name!r} in {yaml_path or 'spec'} — valid keys are the train flags (see --help)"
+    value = err.get("input")
+    if name in cli:  # as typed on the command line
+        where = f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+    elif name in from_yaml:
+        where = f"{yaml_path}: {name} {value!r}"
+    else:
+        where = f"{name} {value!r}"
+    problem, fix = _problem_and_fix(err, RunSpec.model_fields.get(name))
+    return f"{where}: {problem} — {fix}"
+
+
+def _choices(annotation) -> list[str]:
+    """The values of a Literal (or of the Literal inside `Literal[...] | None`)."""
+    if get_origin(annotation) is Literal:
+        return [str(a) for a in get_args(annotation)]
+    return [c for arg in get_args(annotation) if arg is not type(None) for c in _choices(arg)]
+
+
+def _problem_and_fix(err: dict[str, Any], field) -> tuple[str, str]:
+    kind = err["type"]
+    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in (err.get("ctx") or {}).items()}
+    text = str(field.annotation) if field is not None else ""
+    number = "a positive integer" if "int" in text and "float" not in text else "a positive number"
+    if kind == "greater_than":
+        return f"must be > {ctx.get('gt')}", f"pass {number}" if ctx.get("gt") == 0 else f"pass more than {ctx.get('gt')}"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx.get('ge')}", "pass 0 or more" if ctx.get("ge") == 0 else f"pass {ctx.get('ge')} or more"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx.get('le')}", f"pass at most {ctx.get('le')}"
+    if kind == "literal_error":
+        choices = _choices(field.annotation) if field is not None else []
+        return "not one of the choices", f"use one of: {', '.join(choices) or ctx.get('expected')}"
+    if kind in ("int_parsing", "int_from_float", "int_type"):
+        return "not a whole number", "pass an integer, e.g. 8"
+    if kind in ("float_parsing", "float_type"):
+        return "not a number", "pass a number, e.g. 3e-4"
+    if kind in ("bool_parsing", "bool_type"):
+        return "not true/false", "pass true or false"
+    if kind == "list_type":
+        return "not a list", "write a list, e.g. [jsonl, tensorboard]"
+    if kind.startswith("string"):
+        return "not a string", "quote it in the YAML file"
+    if kind == "value_error":
+        problem, _, fix = err["msg"].removeprefix("Value error, ").partition(" — ")
+        return problem, fix or "see --help"
+    return err["msg"][:1].lower() + err["msg"][1:], "see --help"
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "dsfleet train") -> RunSpec:

@@ -16,22 +16,30 @@ from types import SimpleNamespace
 from dsfleet.cli import UsageError, fail
 
 EXIT_PREEMPTED = 75  # a checkpoint was saved after SIGUSR1/SIGTERM; the Slurm script requeues on this code
+EXIT_SAVE_FAILED = 74  # a checkpoint could not be written (disk full, read-only); the previous one is intact
 ARTIFACTS = ("checkpoints", "metrics.jsonl", "tb", "final", "plot.png", "tokenizer", "spec.yaml", "ds_config.json",
              "generated_predictions.txt")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dsfleet.checkpoint import CheckpointError
     from dsfleet.spec import parse_args
     try:
         return train(parse_args(argv, prog="python -m dsfleet.train"))
     except UsageError as e:
         print(f"dsfleet train: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"dsfleet train: {e}", file=sys.stderr)
+        return EXIT_SAVE_FAILED
 
 
 def train(spec) -> int:
     # ---- 1. what to train, where: all checks before anything is written ----------------------------------
     model_source = resolve_model_source(spec)
+    if spec.model_name_or_path and spec.preset and not spec.from_scratch:
+        model_config(spec.model_name_or_path)  # weights load after the run dir exists: a bad source is said now
     spec.task = spec.task or ("translation" if model_source.family == "t5" else "causal_lm")
     if not (spec.do_train or spec.do_eval or spec.do_predict):
         spec.do_train = True
@@ -71,6 +79,7 @@ def train(spec) -> int:
         if "train" not in raw and spec.do_train:
             fail("the dataset has no 'train' split — pass --train_file or a dataset with a train split")
         data.check_columns(spec, raw)
+        data.check_train_size(spec, raw, denv.world_size)
     resume_dir = checkpoint.find(resume_request, out) if resume_request else None
     dist.barrier()
     if is_main:
@@ -90,6 +99,9 @@ def train(spec) -> int:
     # ---- 4. model and engine ---------------------------------------------------------------------------
     model = build_model(spec, model_source, tokenizer, ds_config, zero_stage, on_cpu, accel)
     fast = fastpath.apply(model, spec, model_source.family, zero_stage)  # fused loss/GELU, compile: same math
+    if resume_dir is not None and checkpoint.saved_world_size(resume_dir) != denv.world_size:
+        resume_dir = checkpoint.to_universal(resume_dir, rank=denv.rank)  # ZeRO shards re-cut for this world
+        ds_config["checkpoint"] = {"load_universal": True}
     client_scheduler = None if "scheduler" in ds_config else lr_lambda_scheduler(spec, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds_config, lr_scheduler=client_scheduler)
@@ -102,6 +114,8 @@ def train(spec) -> int:
               f"grad accum {spec.gradient_accumulation_steps} x world {denv.world_size} = "
               f"{ds_config['train_batch_size']}, {total_steps} steps", flush=True)
         print(f"dsfleet: fast path: {fast.describe()}", flush=True)
+        for line in fast.warnings:
+            print(f"dsfleet: {line}", flush=True)
     if spec.check_memory:
         print(f"[rank {denv.rank}] memory after engine init: {live_memory()}", flush=True)
 
@@ -114,7 +128,7 @@ def train(spec) -> int:
             print(f"dsfleet: resumed from {resume_dir} at step {step}", flush=True)
 
     log = MetricsLog(out, is_main, total_steps, step, spec.peak_tflops, denv.world_size,
-                     show_progress=not spec.no_progress, report_to=spec.report_to)
+                     show_progress=not spec.no_progress, report_to=spec.report_to, tags=fast.tags)
     stop = PreemptionFlag()
 
     def save(at_step: int) -> None:
@@ -209,18 +223,33 @@ def resolve_model_source(spec) -> SimpleNamespace:
              f"random init of {preset.name if preset else 'the preset'}")
     if preset is None:
         if not spec.model_name_or_path:
-            fail("--from_scratch needs --preset NAME or --model_name_or_path DIR for the architecture")
-        from transformers import AutoConfig
-        try:
-            cfg = AutoConfig.from_pretrained(spec.model_name_or_path)
-        except Exception as e:
-            fail(f"cannot load model {spec.model_name_or_path!r} ({type(e).__name__}: no local dir with config.json "
-                 "and the hub is unreachable?) — pass a local model dir, or --preset NAME --from_scratch")
+            fail("--from_scratch without an architecture — pass --preset NAME (e.g. t5_small) or --model_name_or_path "
+                 "DIR whose config.json gives it")
+        cfg = model_config(spec.model_name_or_path)
         if cfg.model_type not in ("t5", "gpt2", "mamba"):
             fail(f"model type {cfg.model_type!r} is not supported — use a T5, GPT-2 or Mamba model")
         from dsfleet.presets import Preset
         preset = Preset(Path(spec.model_name_or_path).name or cfg.model_type, cfg.model_type, cfg.to_diff_dict())
     return SimpleNamespace(preset=preset, family=preset.family, name=preset.name)
+
+
+def model_config(name_or_path: str):
+    """The transformers config of --model_name_or_path: a missing local dir, an unreadable config.json and an
+    unreachable hub id are each one line (bad input), said before anything is written."""
+    from transformers import AutoConfig
+    local = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1  # hub ids: NAME or ORG/NAME
+    if looks_local and not local.is_dir():
+        fail(f"--model_name_or_path {name_or_path}: no such directory — pass a local model dir (with config.json) or a "
+             "hub id such as t5-small")
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except Exception as e:
+        if local.is_dir():
+            fail(f"cannot read the model config in {name_or_path} ({type(e).__name__}: "
+                 f"{(str(e).strip().splitlines() or [''])[0][:120]}) — pass a dir with a transformers config.json")
+        fail(f"cannot load model {name_or_path!r} ({type(e).__name__}: no local dir with config.json "
+             "and the hub is unreachable?) — pass a local model dir, or --preset NAME --from_scratch")
 
 
 def check_output_dir(out: Path, spec) -> None:
@@ -299,44 +328,30 @@ def choose_zero(spec, model_source, world_size: int, on_cpu: bool) -> int:
 def warn_heavier_stage(spec, model_source, stage: int, world_size: int, on_cpu: bool) -> None:
     if on_cpu or int(os.environ.get("RANK", "0")) != 0:
         return
-    try:
-        from dsfleet import planner
-    except ImportError:
-        return
-    gpu_mem, cpu_mem = _device_memory()
-    plan = planner.plan(preset=model_source.name if model_source.name in _preset_names() else None,
-                        params=None if model_source.name in _preset_names() else _count(model_source),
-                        gpus=world_size, gpu_mem_bytes=spec.gpu_mem_bytes or gpu_mem, cpu_mem_bytes=cpu_mem,
-                        micro_batch=spec.per_device_train_batch_size, precision=spec.precision)
-    message = planner.check_heavier_stage(plan, stage)
+    from dsfleet import planner
+    plan = _plan(spec, world_size)
+    message = planner.check_heavier_stage(plan, stage) if plan is not None else None
     if message:
         print(f"dsfleet: warning: {message}", flush=True)
-
-
-def _preset_names():
-    from dsfleet.presets import PRESETS
-    return PRESETS
-
-
-def _count(model_source) -> int:
-    from dsfleet.models import count_parameters
-    return count_parameters(model_source.preset)
 
 
 def print_plan(spec, model_source, ds_config: dict, world_size: int) -> None:
     from dsfleet.spec import spec_to_yaml
     print("# run spec\n" + spec_to_yaml(spec))
     print("# DeepSpeed config\n" + json.dumps(ds_config, indent=2))
-    try:
+    plan = _plan(spec, world_size)
+    if plan is not None:
         from dsfleet import planner
-    except ImportError:
-        return
+        print("# memory plan\n" + planner.format_plan(plan))
+    else:
+        print(f"# memory plan\n(no plan: the model of {model_source.name} has no readable T5/GPT-2/Mamba config)")
+
+
+def _plan(spec, world_size: int):
+    """The planner's view of exactly this spec on this hardware (None when its model cannot be read)."""
+    from dsfleet import planner
     gpu_mem, cpu_mem = _device_memory()
-    plan = planner.plan(preset=model_source.name if model_source.name in _preset_names() else None,
-                        params=None if model_source.name in _preset_names() else _count(model_source),
-                        gpus=world_size, gpu_mem_bytes=spec.gpu_mem_bytes or gpu_mem, cpu_mem_bytes=cpu_mem,
-                        micro_batch=spec.per_device_train_batch_size, precision=spec.precision)
-    print("# memory plan\n" + planner.format_plan(plan))
+    return planner.plan_for_spec(spec, world_size, spec.gpu_mem_bytes or gpu_mem, cpu_mem)
 
 
 def load_data(spec, model_source, raw, out: Path, is_main: bool, dist):
