@@ -116,14 +116,26 @@ def save(engine, root: Path, step: int, state: dict[str, Any], *, rank: int, kee
 def _check_room(root: Path) -> None:
     """Before a save: a read-only output dir, or less free space than the last checkpoint took, fails now —
     on every rank alike, before DeepSpeed writes anything — instead of halfway through the files."""
-    st = os.statvfs(root if root.is_dir() else root.parent)  # other ranks may look before rank 0 made it
+    problem = _room_problem(root)
+    if problem:
+        raise OSError(errno.EROFS if problem.startswith("Read-only") else errno.ENOSPC, problem, str(root))
+
+
+def _room_problem(root: Path, need_without_checkpoint: int = 0) -> str | None:
+    """Why the next checkpoint cannot be written under `root`, in plain words, or None: a read-only file system,
+    or less free space than the newest complete checkpoint took (`need_without_checkpoint` when there is none)."""
+    try:
+        st = os.statvfs(root if root.is_dir() else root.parent)  # other ranks may look before rank 0 made it
+    except OSError:
+        return None
     if st.f_flag & os.ST_RDONLY:
-        raise OSError(errno.EROFS, "Read-only file system", str(root))
-    last = max(completed(root), key=_step_of, default=None) if root.is_dir() else None
-    if last is not None:
-        needed = sum(p.stat().st_size for p in last.rglob("*") if p.is_file())
-        if st.f_bavail * st.f_frsize < needed:
-            raise OSError(errno.ENOSPC, "No space left on device", str(root))
+        return "Read-only file system"
+    last = max(completed(root), key=_step_of, default=None)
+    needed = sum(p.stat().st_size for p in last.rglob("*") if p.is_file()) if last else need_without_checkpoint
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        return f"No space left on device: {free / 2**20:.1f} MiB free, a checkpoint needs about {needed / 2**20:.1f} MiB"
+    return None
 
 
 def _any_rank(flag: bool) -> bool:
@@ -136,26 +148,13 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _diagnose(root: Path, latest: str | None) -> str | None:
-    """Name the usual causes plainly: torch.save reports a full disk as 'unexpected pos 128 vs 0'."""
-    try:
-        st = os.statvfs(root)
-    except OSError:
-        return None
-    if st.f_flag & os.ST_RDONLY:
-        return "Read-only file system"
-    free = st.f_bavail * st.f_frsize
-    needed = sum(p.stat().st_size for p in (root / latest).rglob("*") if p.is_file()) if latest else 16 * 2**20
-    if free < needed:
-        return f"No space left on device: {free / 2**20:.1f} MiB free, a checkpoint needs about {needed / 2**20:.1f} MiB"
-    return None
-
-
 def _give_up(tag_dir: Path, root: Path, rank: int, error: Exception | None):
     if rank == 0:
         shutil.rmtree(tag_dir, ignore_errors=True)  # never leave a half checkpoint that looks loadable
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
-    reason = _diagnose(root, latest) or (f"{type(error).__name__}: {error}" if error else "failed on another rank")
+    # torch.save reports a full disk as 'unexpected pos 128 vs 0': name the usual causes plainly
+    reason = (_room_problem(root, need_without_checkpoint=16 * 2**20)
+              or (f"{type(error).__name__}: {error}" if error else "failed on another rank"))
     kept = f"the last complete checkpoint {latest} is intact" if latest else "no earlier checkpoint exists"
     raise CheckpointError(f"checkpoint save to {tag_dir} failed ({reason.splitlines()[0][:200]}) — {kept}; "
                           "free space or make the output dir writable, then resume with --resume_from_checkpoint auto")

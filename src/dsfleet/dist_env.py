@@ -50,7 +50,8 @@ def _int(env: Mapping[str, str], key: str) -> int:
         fail(f"{key}={env[key]!r} is not an integer — fix the launcher environment (or unset {key})")
 
 
-def _port(env: Mapping[str, str], default: int = DEFAULT_PORT) -> int:
+def master_port(env: Mapping[str, str], default: int = DEFAULT_PORT) -> int:
+    """MASTER_PORT from the environment (checked: an integer in 1..65535), else `default`."""
     if "MASTER_PORT" not in env:
         return default
     port = _int(env, "MASTER_PORT")
@@ -73,7 +74,7 @@ def discover(env: Mapping[str, str] | None = None,
         master = env.get("MASTER_ADDR")
         if world > 1 and not master:
             fail("WORLD_SIZE > 1 but MASTER_ADDR is not set — export the address of rank 0")
-        return _checked(DistEnv(rank, world, local, master or "127.0.0.1", _port(env), "env"))
+        return _checked(DistEnv(rank, world, local, master or "127.0.0.1", master_port(env), "env"))
     if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:  # mpirun (OpenMPI or MPICH/Intel MPI)
         ompi = "OMPI_COMM_WORLD_RANK" in env
         rank = _int(env, "OMPI_COMM_WORLD_RANK" if ompi else "PMI_RANK")
@@ -89,7 +90,7 @@ def discover(env: Mapping[str, str] | None = None,
             master = mpi_master()
         else:
             fail("mpirun across hosts needs mpi4py (pip install mpi4py) or MASTER_ADDR — provide one")
-        return _checked(DistEnv(rank, world, local, master, _port(env), "openmpi" if ompi else "mpich"))
+        return _checked(DistEnv(rank, world, local, master, master_port(env), "openmpi" if ompi else "mpich"))
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # a task of an srun step
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS")
         local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
@@ -97,8 +98,8 @@ def discover(env: Mapping[str, str] | None = None,
         master = env.get("MASTER_ADDR") or first_host(nodelist)
         job = _int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
         job_port = DEFAULT_PORT + job % 1000  # distinct jobs sharing a node
-        return _checked(DistEnv(rank, world, local, master, _port(env, job_port), "slurm"))
-    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), _port(env), "single")
+        return _checked(DistEnv(rank, world, local, master, master_port(env, job_port), "slurm"))
+    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), master_port(env), "single")
 
 
 _SOURCE_WORDS = {"env": "RANK/WORLD_SIZE", "openmpi": "OpenMPI env", "mpich": "MPICH env", "slurm": "Slurm env"}

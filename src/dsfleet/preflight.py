@@ -102,11 +102,8 @@ def options(args) -> Options:
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be positive — pass e.g. 60")
     if args.master_port is None:  # the default: the MASTER_PORT the launcher will use, else DeepSpeed's 29500
-        env_port = os.environ.get("MASTER_PORT", "29500")
-        if not env_port.strip().isdigit() or not 1 <= int(env_port) <= 65535:
-            fail(f"MASTER_PORT={env_port!r} (environment) is not a TCP port — export 1..65535 (e.g. 29500), or pass "
-                 "--master-port")
-        args.master_port = int(env_port)
+        from dsfleet.dist_env import master_port
+        args.master_port = master_port(os.environ)
     if not 1 <= args.master_port <= 65535:
         fail(f"--master-port {args.master_port} is not a TCP port — pass 1..65535 (e.g. 29500)")
     ops_text = DEFAULT_OPS["cpu" if args.cpu else "gpu"] if args.require_ops is None else args.require_ops

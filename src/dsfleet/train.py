@@ -288,7 +288,7 @@ def build_ds_config(spec, model_source, world_size: int, on_cpu: bool, accel):
         spec_steps = spec.max_steps if spec.max_steps > 0 else 10**6
         config = dsconfig.fill_auto(user, spec, world_size=world_size, hidden_size=hidden, total_steps=spec_steps)
         stage = dsconfig.zero_stage_of(config)
-        warn_heavier_stage(spec, model_source, stage, world_size, on_cpu)
+        warn_heavier_stage(spec, stage, world_size, on_cpu)
     else:
         stage = spec.zero
         if stage == "auto":
@@ -325,7 +325,7 @@ def choose_zero(spec, model_source, world_size: int, on_cpu: bool) -> int:
     return choice.zero_stage
 
 
-def warn_heavier_stage(spec, model_source, stage: int, world_size: int, on_cpu: bool) -> None:
+def warn_heavier_stage(spec, stage: int, world_size: int, on_cpu: bool) -> None:
     if on_cpu or int(os.environ.get("RANK", "0")) != 0:
         return
     from dsfleet import planner
