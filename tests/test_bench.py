@@ -214,3 +214,23 @@ def test_mamba_scan_path_is_reported_and_warned_on_gpu_without_kernels(monkeypat
     fast = fastpath.FastPath()
     fastpath._mamba_scan(fast, on_gpu=False)
     assert fast.tags == {"mamba_scan": "pytorch"} and not fast.warnings
+
+
+def test_gap_report_finds_the_host_bound_stretch():
+    """A hand-made trace: two 10 ms steps; the device idles 4 ms in step 1 while the host is in `slow_check`."""
+    from dsfleet.profiling import gap_report
+    ev = [
+        {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#1", "ts": 0, "dur": 10_000},
+        {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#2", "ts": 10_000, "dur": 10_000},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 0, "dur": 5_000},
+        {"ph": "X", "cat": "kernel", "name": "adam", "ts": 9_000, "dur": 11_000},
+        {"ph": "X", "cat": "python_function", "name": "zero.py(1): slow_check", "ts": 4_000, "dur": 6_000},
+        {"ph": "X", "cat": "python_function", "name": "train.py(9): forward", "ts": 0, "dur": 4_000},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::amax", "ts": 5_500, "dur": 1_000},
+    ]
+    text = gap_report({"traceEvents": ev})
+    assert "device idle 4.0 ms (20 %) in 1 gaps" in text
+    assert "ProfilerStep#1: 10.0 ms wall, 4.0 ms idle" in text and "ProfilerStep#2: 10.0 ms wall, 0.0 ms idle" in text
+    functions = text.split("Python functions")[1].split("ops (aten)")[0]
+    assert "4.00  zero.py(1): slow_check" in functions and "forward" not in functions
+    assert "1.00  aten::amax" in text

@@ -49,7 +49,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0,
 TARGETS = {"gpt2_mfu": 0.40, "gpt2_vs_hf": 2.1, "t5_vs_hf": 3.0, "t5_first_step_s": 60.0, "scaling_per_gpu": 0.92}
 LOSS_RTOL = {"bf16": 2e-2, "fp32": 1e-4}  # fast vs plain path, every logged step, same seed (see docs/benchmarks.md)
 PLAIN_FLAGS = ["--attn_implementation", "auto", "--fused_loss", "false", "--fused_activation", "false",
-               "--compile", "false"]  # the stock transformers path: SDPA as transformers picks it, its own loss
+               "--compile", "false", "--fused_grad_checks", "false"]  # the stock transformers path: SDPA as transformers picks it, its own loss
 
 
 @dataclass
@@ -120,12 +120,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile of the blocks in dsfleet's fast runs (auto: on for GPU suites)")
     parser.add_argument("--dsfleet_args", default="", help="extra train flags for dsfleet's fast runs (quoted)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="gpt2_xl suite: one more fast run with these extra train flags, reported as "
+                             "dsfleet_fast_NAME beside the others (repeatable; for tuning)")
     parser.add_argument("--profile", action="store_true",
                         help="profile 3 extra steps after each dsfleet fast run (OUT/profile/NAME/profile.txt)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per run before it is stopped")
 
 
 def run(args) -> int:
+    for spec in args.variant:
+        name, sep, _ = spec.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+            fail(f"--variant {spec!r} is not NAME=FLAGS — e.g. --variant nochecks='--fused_grad_checks false'")
     if args.warmup is not None and args.steps is not None and not 1 <= args.warmup < args.steps:
         fail("need 1 <= --warmup < --steps — the timed window starts after a warm step")
     bench = Bench(args)
@@ -194,6 +201,12 @@ class Bench:
         fast = self.run_dsfleet(suite, "dsfleet_fast", w, 1, ["--zero", "2", *self.fast_flags("gpt2")],
                                 "ZeRO-2, fast path", fast=True)
         self.fast_gpt2 = fast
+        for spec in self.args.variant:
+            name, _, extra = spec.partition("=")
+            variant = self.run_dsfleet(suite, f"dsfleet_fast_{name}", w, 1,
+                                       ["--zero", "2", *self.fast_flags("gpt2"), *shlex.split(extra)],
+                                       f"ZeRO-2, fast path + {extra}")
+            self.check_ratio(suite, f"dsfleet fast + {extra} / HF Trainer tokens/s", variant, hf, None)
         self.check_ratio(suite, "dsfleet fast / HF Trainer tokens/s", fast, hf, None if self.cpu else TARGETS["gpt2_vs_hf"])
         self.check_ratio(suite, "dsfleet plain / HF Trainer tokens/s", plain, hf, None)
         if not self.cpu:
@@ -460,6 +473,8 @@ class Bench:
         if (src / "profile.txt").exists():
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copy(src / "profile.txt", dest / "profile.txt")
+            if (src / "gaps.txt").exists():
+                shutil.copy(src / "gaps.txt", dest / "gaps.txt")
             if (src / "trace.json").exists():
                 import gzip
                 with open(src / "trace.json", "rb") as f_in, gzip.open(dest / "trace.json.gz", "wb") as f_out:

@@ -75,6 +75,8 @@ def generate(spec, *, world_size: int, hidden_size: int, zero_stage: int, on_cpu
             "weight_decay": spec.weight_decay}},
         "steps_per_print": 10**9,  # dsfleet logs; DeepSpeed's own step prints would interleave with the bar
         "wall_clock_breakdown": False,
+        # dsfleet measures throughput itself (metrics.jsonl); DeepSpeed's timer synchronises the device twice a step
+        "timers": {"throughput": {"enabled": False}},
     }
     if spec.bf16:
         config["bf16"] = {"enabled": True}

@@ -17,8 +17,9 @@ rounding (the loss curves of both paths are compared in tests/test_bench.py and 
   of the fused loss's per-chunk softmax/gradient math.
 
 The fused loss reads the output embedding directly, which ZeRO-3 keeps partitioned: at stage 3 the model's
-own loss is used and the start line says so. `DSFLEET_PROFILE=DIR` profiles three steps (torch.profiler):
-a kernel table and a Chrome trace for tuning.
+own loss is used and the start line says so. After deepspeed.initialize, `attach` swaps ZeRO-1/2's per-tensor
+gradient checks for multi-tensor ones (dsfleet/zero_step.py) and, with `DSFLEET_PROFILE=DIR`, profiles three
+steps (dsfleet/profiling.py).
 """
 from __future__ import annotations
 
@@ -260,11 +261,20 @@ class FastPath:
         text = ", ".join(self.parts) or "off"
         return text + (f" (not used: {'; '.join(self.skipped)})" if self.skipped else "")
 
-    def attach(self, engine, out_dir: Path, rank: int, total_steps: int) -> None:
-        """After deepspeed.initialize: the optional profiler (DSFLEET_PROFILE=DIR, rank 0)."""
+    def attach(self, engine, spec, out_dir: Path, rank: int, total_steps: int) -> None:
+        """After deepspeed.initialize: the engine-side pieces (ZeRO-1/2 gradient checks as multi-tensor kernels,
+        dsfleet/zero_step.py) and the optional profiler (DSFLEET_PROFILE=DIR, rank 0)."""
+        if spec.fused_grad_checks:
+            from dsfleet import zero_step
+            why_not = zero_step.install(engine)
+            if why_not:
+                self.skipped.append(f"multi-tensor gradient checks ({why_not})")
+            else:
+                self.parts.append("multi-tensor gradient checks")
         target = os.environ.get("DSFLEET_PROFILE")
         if target and rank == 0:
-            _attach_profiler(engine, Path(target), total_steps)
+            from dsfleet.profiling import attach_profiler
+            attach_profiler(engine, Path(target), total_steps)
 
 
 def apply(model, spec, family: str, zero_stage: int) -> FastPath:
@@ -322,38 +332,3 @@ def compile_loss() -> None:
     global _compiled_ce
     _compiled_ce = torch.compile(_ce_math, backend=os.environ.get("DSFLEET_COMPILE_BACKEND", "inductor"),
                                  dynamic=False)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Profiling (diagnostics for tuning; off unless DSFLEET_PROFILE is set).
-
-def _attach_profiler(engine, out: Path, total_steps: int) -> None:
-    from torch.profiler import ProfilerActivity, profile, schedule
-    out.mkdir(parents=True, exist_ok=True)
-    active = 3
-    wait = max(total_steps - active - 1, 0)  # the last steps, after any timed window
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-
-    def ready(prof) -> None:
-        events = prof.key_averages()
-        for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
-            try:
-                table = events.table(sort_by=key, row_limit=60)
-                break
-            except (AttributeError, KeyError, RuntimeError):
-                continue
-        (out / "profile.txt").write_text(f"steps {wait + 2}..{wait + 1 + active}, sorted by {key}\n{table}\n")
-        prof.export_chrome_trace(str(out / "trace.json"))
-        print(f"dsfleet: profile of {active} steps written to {out}", flush=True)
-
-    prof = profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=active, repeat=1),
-                   on_trace_ready=ready, record_shapes=False)
-    prof.start()
-    step = engine.step
-
-    def profiled_step(*args, **kwargs):
-        result = step(*args, **kwargs)
-        prof.step()
-        return result
-
-    engine.step = profiled_step

@@ -105,7 +105,7 @@ def train(spec) -> int:
     client_scheduler = None if "scheduler" in ds_config else lr_lambda_scheduler(spec, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds_config, lr_scheduler=client_scheduler)
-    fast.attach(engine, out, denv.rank, total_steps)
+    fast.attach(engine, spec, out, denv.rank, total_steps)
     device = engine.device
     flops = FlopCounter(engine.module, model_source.family)
     if is_main:
@@ -157,7 +157,7 @@ def train(spec) -> int:
             if step % spec.logging_steps == 0 or step == total_steps:
                 dist.all_reduce(loss_sum)
                 row = log.log_train(step, loss=loss_sum.item() / (loss_count * denv.world_size),
-                                    lr=engine.get_lr()[0], epoch=order.epoch)
+                                    lr=engine.get_lr()[0], grad_norm=grad_norm(engine), epoch=order.epoch)
                 loss_sum.zero_()
                 loss_count = 0
                 if spec.check_memory:
@@ -423,6 +423,12 @@ def build_model(spec, model_source, tokenizer, ds_config: dict, zero_stage: int,
              "— pass a local model dir or --from_scratch")
     finally:
         del keep_alive
+
+
+def grad_norm(engine) -> float | None:
+    """The last step's global gradient norm before clipping (DeepSpeed keeps it; inf on a skipped step)."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
 
 
 def lr_lambda_scheduler(spec, total_steps: int):

@@ -1,0 +1,112 @@
+"""Where a training step's time goes, for tuning the fast path: `DSFLEET_PROFILE=DIR` (the bench's `--profile`)
+profiles three steps of rank 0 with torch.profiler and writes
+
+- `profile.txt`: kernels and ops by device time, then by input shape (which tensors the big elementwise
+  kernels touch);
+- `gaps.txt`: how long the device sat idle in those steps and which Python functions and ops the host was in
+  meanwhile — on a GPU the step is host-bound exactly where these are;
+- `trace.json`: the Chrome trace (chrome://tracing, Perfetto).
+"""
+from __future__ import annotations
+
+import bisect
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ACTIVE_STEPS = 3
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+MIN_GAP_US = 5.0  # shorter device idle is launch jitter, not a host-bound stretch
+
+
+def attach_profiler(engine, out: Path, total_steps: int) -> None:
+    from torch.profiler import ProfilerActivity, profile, schedule
+    out.mkdir(parents=True, exist_ok=True)
+    wait = max(total_steps - ACTIVE_STEPS - 1, 0)  # the last steps, after any timed window
+    on_gpu = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+
+    def ready(prof) -> None:
+        events = prof.key_averages()
+        key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40, max_name_column_width=60,
+                                                                      max_shapes_column_width=90)
+        (out / "profile.txt").write_text(f"steps {wait + 2}..{wait + 1 + ACTIVE_STEPS}, sorted by {key}\n"
+                                         f"{events.table(sort_by=key, row_limit=60)}\n\nby input shape\n{by_shape}\n")
+        prof.export_chrome_trace(str(out / "trace.json"))
+        if on_gpu:
+            (out / "gaps.txt").write_text(gap_report(json.loads((out / "trace.json").read_text())))
+        print(f"dsfleet: profile of {ACTIVE_STEPS} steps written to {out}", flush=True)
+
+    prof = profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=ACTIVE_STEPS, repeat=1),
+                   on_trace_ready=ready, record_shapes=True, with_stack=on_gpu)
+    prof.start()
+    step = engine.step
+
+    def profiled_step(*args, **kwargs):
+        result = step(*args, **kwargs)
+        prof.step()
+        return result
+
+    engine.step = profiled_step
+
+
+def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _overlap(gaps: list[tuple[float, float]], starts: list[float], start: float, end: float) -> float:
+    """Total length of [start, end) that falls in the sorted, disjoint `gaps`."""
+    total, i = 0.0, max(bisect.bisect_right(starts, start) - 1, 0)
+    while i < len(gaps) and gaps[i][0] < end:
+        total += max(0.0, min(end, gaps[i][1]) - max(start, gaps[i][0]))
+        i += 1
+    return total
+
+
+def gap_report(trace: dict, top: int = 40) -> str:
+    """Device idle time inside the profiled steps, attributed to the host-side functions and ops running then."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    steps = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                   if str(e.get("name", "")).startswith("ProfilerStep#"))
+    if not steps:
+        return "no ProfilerStep events in the trace\n"
+    lo, hi = steps[0][0], steps[-1][1]
+    busy = _merge([(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in DEVICE_CATEGORIES])
+    gaps, cursor = [], lo
+    for start, end in busy:
+        if start > cursor and start - cursor >= MIN_GAP_US and start > lo:
+            gaps.append((max(cursor, lo), min(start, hi)))
+        cursor = max(cursor, end)
+        if cursor >= hi:
+            break
+    if hi - cursor >= MIN_GAP_US:
+        gaps.append((cursor, hi))
+    gaps = [g for g in gaps if g[1] > g[0]]
+    starts = [g[0] for g in gaps]
+    idle = sum(end - start for start, end in gaps)
+    lines = [f"{len(steps)} profiled steps, {(hi - lo) / 1e3:.1f} ms wall: device idle {idle / 1e3:.1f} ms "
+             f"({100 * idle / max(hi - lo, 1e-9):.0f} %) in {len(gaps)} gaps of >= {MIN_GAP_US:.0f} us"]
+    for start, end, name in steps:
+        step_idle = _overlap(gaps, starts, start, end)
+        lines.append(f"  {name}: {(end - start) / 1e3:.1f} ms wall, {step_idle / 1e3:.1f} ms idle")
+    for category, title in (("python_function", "Python functions"), ("cpu_op", "ops (aten)")):
+        spent: dict[str, float] = defaultdict(float)
+        for e in events:
+            if e.get("cat") == category and e["ts"] < hi and e["ts"] + e["dur"] > lo:
+                spent[e["name"]] += _overlap(gaps, starts, e["ts"], e["ts"] + e["dur"])
+        ranked = sorted(spent.items(), key=lambda kv: -kv[1])[:top]
+        lines.append(f"\n{title} running while the device was idle (inclusive ms over the {len(steps)} steps):")
+        lines += [f"  {ms / 1e3:9.2f}  {name[:150]}" for name, ms in ranked if ms > 0]
+    longest = sorted(gaps, key=lambda g: g[0] - g[1])[:15]
+    lines.append("\nlongest gaps (ms, offset from the first step's start):")
+    lines += [f"  {(end - start) / 1e3:7.2f} at +{(start - lo) / 1e3:.1f}" for start, end in longest]
+    return "\n".join(lines) + "\n"
