@@ -222,6 +222,8 @@ def test_gap_report_finds_the_host_bound_stretch():
     ev = [
         {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#1", "ts": 0, "dur": 10_000},
         {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#2", "ts": 10_000, "dur": 10_000},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "ProfilerStep#2", "ts": 10_000, "dur": 10},
+        {"ph": "X", "cat": "user_annotation", "name": "dsfleet.step", "ts": 3_000, "dur": 3_000},
         {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 0, "dur": 5_000},
         {"ph": "X", "cat": "kernel", "name": "adam", "ts": 9_000, "dur": 11_000},
         {"ph": "X", "cat": "python_function", "name": "zero.py(1): slow_check", "ts": 4_000, "dur": 6_000},
@@ -234,3 +236,4 @@ def test_gap_report_finds_the_host_bound_stretch():
     functions = text.split("Python functions")[1].split("ops (aten)")[0]
     assert "4.00  zero.py(1): slow_check" in functions and "forward" not in functions
     assert "1.00  aten::amax" in text
+    assert "1.00  dsfleet.step" in text and "(the loop: data, logging): 3.0 ms" in text

@@ -43,12 +43,20 @@ def _offload(device: str, nvme_path: str | None) -> dict[str, Any]:
     return block
 
 
+def default_overlap_comm(zero_stage: int, world_size: int, on_cpu: bool) -> bool:
+    """overlap_comm unless there is nothing to overlap: ZeRO-1/2 on one rank. DeepSpeed's ZeRO-1/2 overlap path
+    synchronises the whole device before every reduce bucket (0.19, allreduce_and_copy); with no communication to
+    hide that only stalls the backward pass (GPT-2 XL on one H200: docs/benchmarks.md)."""
+    return not on_cpu and (world_size > 1 or zero_stage == 3)
+
+
 def generate(spec, *, world_size: int, hidden_size: int, zero_stage: int, on_cpu: bool) -> dict[str, Any]:
     """A DeepSpeed config from the spec. `zero_stage` is already resolved (no "auto")."""
     h2 = hidden_size * hidden_size
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage > 0:
-        zero.update(contiguous_gradients=True, overlap_comm=not on_cpu if spec.overlap_comm is None else spec.overlap_comm,
+        zero.update(contiguous_gradients=True, overlap_comm=default_overlap_comm(zero_stage, world_size, on_cpu)
+                    if spec.overlap_comm is None else spec.overlap_comm,
                     reduce_bucket_size=spec.reduce_bucket_size or max(h2, 5 * 10**7 if zero_stage < 3 else h2))
     if zero_stage in (1, 2):
         zero.update(allgather_bucket_size=spec.allgather_bucket_size or 5 * 10**8, reduce_scatter=True)

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, Iterable
 
+from dsfleet.dsconfig import default_overlap_comm
+
 GiB = 2**30
 
 # ---------------------------------------------------------------------------------------------------------
@@ -463,7 +465,7 @@ def gpu_memory(shape: ModelShape, c: Candidate, total_gpus: int, act: ActMem, *,
     part = math.ceil(N / g)
     fp32_copy = 4 if p == 2 else 0  # a separate fp32 tensor only when the model is 16-bit
     bucket = reduce_bucket or _bucket(shape, c.zero_stage)
-    buckets = (2 if overlap_comm else 1) * p * bucket  # dsfleet turns overlap_comm on for GPUs: two buckets
+    buckets = (2 if overlap_comm else 1) * p * bucket  # overlap_comm double-buffers the bucket
     act_head, act_layer, act_fwd = act.head_peak, act.layer_peak, act.fwd_peak
     ph: dict[str, int] = {}
     buf: dict[str, int] = {"init": 0}
@@ -626,7 +628,7 @@ def evaluate(shape: ModelShape, *, zero_stage: int, offload_optimizer: str = "no
     tgt = (tgt_len or shape.tgt_len or seq) if shape.family == "t5" else 0
     act = activation_memory(shape, micro_batch, seq, tgt, precision, gradient_checkpointing, fused_loss=fused_loss,
                             fused_activation=fused_activation, zero_stage=zero_stage)
-    phases, buffers = gpu_memory(shape, c, total, act)
+    phases, buffers = gpu_memory(shape, c, total, act, overlap_comm=default_overlap_comm(zero_stage, total, False))
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
     _, states = estimator_model_states(shape.n_params, shape.largest_layer, zero_stage, gpus, nodes,

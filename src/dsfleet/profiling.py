@@ -3,14 +3,17 @@ profiles three steps of rank 0 with torch.profiler and writes
 
 - `profile.txt`: kernels and ops by device time, then by input shape (which tensors the big elementwise
   kernels touch);
-- `gaps.txt`: how long the device sat idle in those steps and which Python functions and ops the host was in
-  meanwhile — on a GPU the step is host-bound exactly where these are;
+- `gaps.txt`: how long the device sat idle in those steps and where the host was meanwhile — in the engine's
+  forward, backward or step (wrapped here in `dsfleet.*` ranges) or in the loop between them, and in which ops
+  (and Python functions with `DSFLEET_PROFILE_STACK=1`, which slows the host several-fold and so distorts
+  exactly this) — on a GPU the step is host-bound exactly where these are;
 - `trace.json`: the Chrome trace (chrome://tracing, Perfetto).
 """
 from __future__ import annotations
 
 import bisect
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -41,9 +44,12 @@ def attach_profiler(engine, out: Path, total_steps: int) -> None:
         print(f"dsfleet: profile of {ACTIVE_STEPS} steps written to {out}", flush=True)
 
     prof = profile(activities=activities, schedule=schedule(wait=wait, warmup=1, active=ACTIVE_STEPS, repeat=1),
-                   on_trace_ready=ready, record_shapes=True, with_stack=on_gpu)
+                   on_trace_ready=ready, record_shapes=True,
+                   with_stack=os.environ.get("DSFLEET_PROFILE_STACK") == "1")
     prof.start()
-    step = engine.step
+    for name in ("forward", "backward"):
+        setattr(engine, name, _ranged(f"dsfleet.{name}", getattr(engine, name)))
+    step = _ranged("dsfleet.step", engine.step)
 
     def profiled_step(*args, **kwargs):
         result = step(*args, **kwargs)
@@ -51,6 +57,14 @@ def attach_profiler(engine, out: Path, total_steps: int) -> None:
         return result
 
     engine.step = profiled_step
+
+
+def _ranged(name: str, fn):
+    """`fn` inside a profiler range called `name` (an instance attribute: shadows the engine's method)."""
+    def call(*args, **kwargs):
+        with torch.profiler.record_function(name):
+            return fn(*args, **kwargs)
+    return call
 
 
 def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -76,7 +90,7 @@ def gap_report(trace: dict, top: int = 40) -> str:
     """Device idle time inside the profiled steps, attributed to the host-side functions and ops running then."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
     steps = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
-                   if str(e.get("name", "")).startswith("ProfilerStep#"))
+                   if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("ProfilerStep#"))
     if not steps:
         return "no ProfilerStep events in the trace\n"
     lo, hi = steps[0][0], steps[-1][1]
@@ -98,12 +112,19 @@ def gap_report(trace: dict, top: int = 40) -> str:
     for start, end, name in steps:
         step_idle = _overlap(gaps, starts, start, end)
         lines.append(f"  {name}: {(end - start) / 1e3:.1f} ms wall, {step_idle / 1e3:.1f} ms idle")
-    for category, title in (("python_function", "Python functions"), ("cpu_op", "ops (aten)")):
+    in_phase = sum(_overlap(gaps, starts, e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("dsfleet."))
+    lines.append(f"  idle outside the engine's forward/backward/step (the loop: data, logging): "
+                 f"{(idle - in_phase) / 1e3:.1f} ms")
+    for category, title in (("user_annotation", "ranges"), ("python_function", "Python functions"),
+                            ("cpu_op", "ops (aten)")):
         spent: dict[str, float] = defaultdict(float)
         for e in events:
             if e.get("cat") == category and e["ts"] < hi and e["ts"] + e["dur"] > lo:
                 spent[e["name"]] += _overlap(gaps, starts, e["ts"], e["ts"] + e["dur"])
         ranked = sorted(spent.items(), key=lambda kv: -kv[1])[:top]
+        if not ranked:
+            continue
         lines.append(f"\n{title} running while the device was idle (inclusive ms over the {len(steps)} steps):")
         lines += [f"  {ms / 1e3:9.2f}  {name[:150]}" for name, ms in ranked if ms > 0]
     longest = sorted(gaps, key=lambda g: g[0] - g[1])[:15]

@@ -69,11 +69,14 @@ def _partition_grads(opt) -> list[torch.Tensor]:
 
 def _any_non_finite(opt) -> torch.Tensor:
     """DeepSpeed's has_overflow_partitioned_grads_serial: a 1-element tensor on the device, true if any gradient
-    element of this rank's partition is NaN or +-inf (no host sync here; DeepSpeed all-reduces it)."""
+    element of this rank's partition is NaN or +-inf (no host sync here; DeepSpeed all-reduces it). The norms are
+    kept for the clip norm DeepSpeed computes next from the same, unchanged gradients."""
     grads = _partition_grads(opt)
     if not grads:
         return torch.zeros(1, dtype=torch.bool, device=torch.device(opt.device))
-    return (~torch.isfinite(_norms_fp64(grads).sum())).reshape(1)
+    norms = _norms_fp64(grads)
+    opt._dsfleet_norms = ([id(g) for g in grads], norms)
+    return (~torch.isfinite(norms.sum())).reshape(1)
 
 
 def _grad_norm(opt, gradients, params, norm_type=2):
@@ -83,8 +86,11 @@ def _grad_norm(opt, gradients, params, norm_type=2):
     from deepspeed import comm as dist
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
     grads = [g for g, _ in zip((g for g in gradients if not getattr(g, "_zero_padding", False)), params)]
+    kept_ids, kept = getattr(opt, "_dsfleet_norms", None) or (None, None)
+    opt._dsfleet_norms = None
     if grads:
-        total = _norms_fp64([g.detach() for g in grads]).pow(2).sum().float()
+        norms = kept if kept_ids == [id(g) for g in grads] else _norms_fp64([g.detach() for g in grads])
+        total = norms.pow(2).sum().float()
     else:
         total = torch.zeros((), dtype=torch.float32, device=torch.device(opt.device))
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
