@@ -48,8 +48,10 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0,
                     "A800": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16 per device, vendor spec sheets
 TARGETS = {"gpt2_mfu": 0.40, "gpt2_vs_hf": 2.1, "t5_vs_hf": 3.0, "t5_first_step_s": 60.0, "scaling_per_gpu": 0.92}
 LOSS_RTOL = {"bf16": 2e-2, "fp32": 1e-4}  # fast vs plain path, every logged step, same seed (see docs/benchmarks.md)
+# the stock path: transformers' model as it is (SDPA as transformers picks it, its own loss), DeepSpeed's own
+# gradient checks, Python's own garbage collector
 PLAIN_FLAGS = ["--attn_implementation", "auto", "--fused_loss", "false", "--fused_activation", "false",
-               "--compile", "false", "--fused_grad_checks", "false"]  # the stock transformers path: SDPA as transformers picks it, its own loss
+               "--compile", "false", "--fused_grad_checks", "false", "--gc_interval", "0"]
 
 
 @dataclass

@@ -91,6 +91,7 @@ class RunSpec(BaseModel):
     fused_activation: bool = True  # GPT-2's gelu_new as the one-kernel tanh GELU (same formula)
     compile: bool = False  # torch.compile of each repeated block (ZeRO 0-2)
     fused_grad_checks: bool = True  # ZeRO-1/2's per-tensor overflow check + clip norm as multi-tensor kernels
+    gc_interval: int = Field(50, ge=0)  # Python's GC at every N-th step boundary, not mid-step (0: Python's own)
     # checkpoints, logging
     save_steps: int = Field(0, ge=0)  # 0: only at the end
     save_total_limit: int | None = Field(None, gt=0)

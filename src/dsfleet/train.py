@@ -4,6 +4,7 @@ started it, and runs a plain loop on the DeepSpeed engine. Read `train()` top to
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -130,6 +131,7 @@ def train(spec) -> int:
     log = MetricsLog(out, is_main, total_steps, step, spec.peak_tflops, denv.world_size,
                      show_progress=not spec.no_progress, report_to=spec.report_to, tags=fast.tags)
     stop = PreemptionFlag()
+    collector = StepBoundaryGC(spec.gc_interval)
 
     def save(at_step: int) -> None:
         checkpoint.save(engine, out / "checkpoints", at_step,
@@ -167,6 +169,7 @@ def train(spec) -> int:
                 evaluate(engine, spec, splits["validation"], collate, tokenizer, step, log, denv, zero_stage, seq2seq)
                 engine.train()
                 log.reset_window()
+            collector.maybe_collect(step)
             if spec.save_steps and step % spec.save_steps == 0 and step < total_steps:
                 save(step)
             if stop.agreed(device, dist):
@@ -177,6 +180,7 @@ def train(spec) -> int:
                 log.close()
                 return EXIT_PREEMPTED
         save(step)
+        collector.stop()
 
     # ---- 6. evaluation, prediction, export -----------------------------------------------------------------
     if spec.do_eval and "validation" in splits:
@@ -445,6 +449,28 @@ def lr_lambda_scheduler(spec, total_steps: int):
         return max(0.0, 1.0 - progress)
 
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class StepBoundaryGC:
+    """Python's cyclic garbage collector at every `interval`-th step boundary instead of whenever allocation counts
+    trigger it: a collection over the millions of objects of a transformers + DeepSpeed process, landing in the
+    middle of backward, leaves the GPU waiting (GPT-2 XL on one H200: every few steps ~10 % slower). Objects alive
+    at the start of the loop are frozen out of collections. interval 0 leaves Python's collector as it is."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        if interval:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+
+    def stop(self) -> None:
+        if self.interval:
+            gc.enable()
+
+    def maybe_collect(self, step: int) -> None:
+        if self.interval and step % self.interval == 0:
+            gc.collect()
 
 
 class PreemptionFlag:
