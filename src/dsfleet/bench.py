@@ -202,6 +202,14 @@ class Bench:
         plain = self.run_dsfleet(suite, "dsfleet_plain", w, 1, ["--zero", "2", *PLAIN_FLAGS], "ZeRO-2, plain path")
         fast = self.run_dsfleet(suite, "dsfleet_fast", w, 1, ["--zero", "2", *self.fast_flags("gpt2")],
                                 "ZeRO-2, fast path", fast=True)
+        if self.compile_for("gpt2") and fast.ok:
+            # the first launch compiled into an empty torch.compile cache, and its steps ran slower and unevenly
+            # for a while after (docs/benchmarks.md); the same command again is what every later job on this
+            # machine (or with a shared TORCHINDUCTOR_CACHE_DIR) runs. Both are reported; the checks use this one.
+            self.check(suite, "dsfleet fast MFU, first launch (cold torch.compile cache)", fast.mfu, None,
+                       fmt="{:.1%}")
+            fast = self.run_dsfleet(suite, "dsfleet_fast_relaunch", w, 1, ["--zero", "2", *self.fast_flags("gpt2")],
+                                    "ZeRO-2, fast path, the same command again (compile cache warm)")
         self.fast_gpt2 = fast
         for spec in self.args.variant:
             name, _, extra = spec.partition("=")
