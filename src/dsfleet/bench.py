@@ -551,9 +551,12 @@ def markdown(doc: dict[str, Any]) -> str:
 def bench_command(args) -> str:
     words = ["dsfleet", "bench"]
     for key, value in vars(args).items():
-        if key.startswith("_") or value in (None, False, "") or (key == "compile" and value == "auto"):
+        if key.startswith("_") or value in (None, False, "", []) or (key == "compile" and value == "auto"):
             continue
-        words += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+        if isinstance(value, list):  # a repeatable flag
+            words += [w for item in value for w in (f"--{key}", str(item))]
+        else:
+            words += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     return shlex.join(words)
 
 
