@@ -156,7 +156,6 @@ def test_gpu_suites_orchestration(tmp_path, monkeypatch):
         run_dir.mkdir(parents=True)
         open(result.log, "w").write(f"dsfleet: x (1.0M params), {gpus} rank(s) via deepspeed, ZeRO-2, bf16, ...\n"
                                     "dsfleet: fast path: attention sdpa, fused chunked cross-entropy\n")
-        tokens = int(arg["--per_device_train_batch_size"]) * gpus * (int(arg.get("--block_size", 0)) or 256)
         rows = [{"step": s, "loss": 10.9 - 0.01 * s + (1e-3 if "plain" not in result.name else 0),
                  "tokens_per_s": tps * (0.5 if s <= 5 else 1.0), "tflops": tps * 10.3e9 / 1e12,
                  "peak_mem_bytes": 40 * 2**30} for s in range(1, int(arg["--max_steps"]) + 1)]

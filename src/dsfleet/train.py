@@ -55,7 +55,7 @@ def train(spec) -> int:
     import torch
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    from dsfleet import checkpoint, data, dsconfig, fastpath
+    from dsfleet import checkpoint, data, fastpath
     from dsfleet.metrics import FlopCounter, MetricsLog, batch_tokens, live_memory
 
     accel = get_accelerator()
@@ -158,13 +158,12 @@ def train(spec) -> int:
             log.advance()
             if step % spec.logging_steps == 0 or step == total_steps:
                 dist.all_reduce(loss_sum)
-                row = log.log_train(step, loss=loss_sum.item() / (loss_count * denv.world_size),
-                                    lr=engine.get_lr()[0], grad_norm=grad_norm(engine), epoch=order.epoch)
+                log.log_train(step, loss=loss_sum.item() / (loss_count * denv.world_size),
+                              lr=engine.get_lr()[0], grad_norm=grad_norm(engine), epoch=order.epoch)
                 loss_sum.zero_()
                 loss_count = 0
                 if spec.check_memory:
                     print(f"[rank {denv.rank}] step {step}: {live_memory()}", flush=True)
-                del row
             if spec.eval_steps and step % spec.eval_steps == 0 and step < total_steps and "validation" in splits:
                 evaluate(engine, spec, splits["validation"], collate, tokenizer, step, log, denv, zero_stage, seq2seq)
                 engine.train()
