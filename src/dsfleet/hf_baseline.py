@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                               Trainer, TrainerCallback, TrainingArguments, set_seed)
 
     from dsfleet.data import Collator, SyntheticTokens
+    from dsfleet.dist_env import release_cpu_allreduce_segment
     from dsfleet.metrics import FlopCounter, batch_tokens
     from dsfleet.models import build_config
     from dsfleet.presets import get_preset
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = trainer_cls(model=model, args=training_args, train_dataset=data, data_collator=collate,
                           callbacks=[timer])
     trainer.train()
+    release_cpu_allreduce_segment(rank)  # DeepSpeed's CPU all-reduce segment (dist_env says why)
 
     if rank == 0:
         flops = FlopCounter(model, preset.family)
