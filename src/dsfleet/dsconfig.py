@@ -50,6 +50,12 @@ def default_overlap_comm(zero_stage: int, world_size: int, on_cpu: bool) -> bool
     return not on_cpu and (world_size > 1 or zero_stage == 3)
 
 
+def default_reduce_bucket(hidden_size: int, zero_stage: int) -> int:
+    """reduce_bucket_size when the spec names none: max(h², 5e7) for ZeRO-1/2, h² for ZeRO-3."""
+    h2 = hidden_size * hidden_size
+    return max(h2, 5 * 10**7) if zero_stage < 3 else h2
+
+
 def generate(spec, *, world_size: int, hidden_size: int, zero_stage: int, on_cpu: bool) -> dict[str, Any]:
     """A DeepSpeed config from the spec. `zero_stage` is already resolved (no "auto")."""
     h2 = hidden_size * hidden_size
@@ -57,7 +63,7 @@ def generate(spec, *, world_size: int, hidden_size: int, zero_stage: int, on_cpu
     if zero_stage > 0:
         zero.update(contiguous_gradients=True, overlap_comm=default_overlap_comm(zero_stage, world_size, on_cpu)
                     if spec.overlap_comm is None else spec.overlap_comm,
-                    reduce_bucket_size=spec.reduce_bucket_size or max(h2, 5 * 10**7 if zero_stage < 3 else h2))
+                    reduce_bucket_size=spec.reduce_bucket_size or default_reduce_bucket(hidden_size, zero_stage))
     if zero_stage in (1, 2):
         zero.update(allgather_bucket_size=spec.allgather_bucket_size or 5 * 10**8, reduce_scatter=True)
     if zero_stage == 3:

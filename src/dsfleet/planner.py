@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, Iterable
 
-from dsfleet.dsconfig import default_overlap_comm
+from dsfleet.dsconfig import default_overlap_comm, default_reduce_bucket
 
 GiB = 2**30
 
@@ -52,7 +52,6 @@ CPU_ADAM_PARAMS_PER_S = 1e9  # DeepSpeed CPU-Adam, per GPU's share of the host c
 NVME_BW = 3e9  # bytes/s per GPU, optimizer/param swapping
 
 # dsfleet's generated DeepSpeed config (dsconfig.generate) — what the entry point runs
-REDUCE_BUCKET_MIN = 5 * 10**7  # stage 1/2: max(h*h, 5e7); stage 3: h*h
 SUB_GROUP_SIZE = 10**9  # DeepSpeed's default zero_optimization.sub_group_size
 MAX_REUSE_DISTANCE = 10**9  # stage3_max_reuse_distance (dsconfig default)
 
@@ -451,8 +450,7 @@ class Candidate:
 
 
 def _bucket(shape: ModelShape, stage: int) -> int:
-    h2 = shape.hidden * shape.hidden
-    return max(h2, REDUCE_BUCKET_MIN) if stage < 3 else h2
+    return default_reduce_bucket(shape.hidden, stage)  # what dsfleet's generated config asks DeepSpeed for
 
 
 def gpu_memory(shape: ModelShape, c: Candidate, total_gpus: int, act: ActMem, *, reduce_bucket: int | None = None,
