@@ -78,6 +78,7 @@ CASES = [
     Case("offload-param-zero2", "cli", ("train", *TINY, "--offload_param", "cpu"), "needs ZeRO stage 3"),
     Case("nvme-without-path", "cli", ("train", *TINY, "--zero", "3", "--offload_optimizer", "nvme"), "--nvme_path"),
     Case("negative-max-steps", "cli", ("train", *TINY[:-1], "-3"), "--max_steps -3 is not a step count"),
+    Case("negative-gc-interval", "cli", ("train", *TINY, "--gc_interval", "-1"), "--gc_interval -1: must be >= 0"),
     Case("overwrite-and-resume", "cli", ("train", *TINY, "--overwrite_output_dir", "--resume_from_checkpoint", "auto"),
          "contradict each other"),
     Case("resume-missing-checkpoint", "cli", ("train", *TINY, "--resume_from_checkpoint", "ckpt/step_9"),
@@ -188,6 +189,8 @@ CASES = [
          files={"hosts": "localhost slots=1\n"}, env={"MASTER_PORT": "notaport"}),
     Case("show-config-bad-flag", "show-config", ("show-config", "--", "--preset", "t5_tiny", "--from_scratch", "--zero", "5"),
          "--zero 5"),
+    Case("bench-variant-no-name", "bench", ("bench", "--suite", "cpu_smoke", "--out", OUT, "--variant", "--fused_loss false"),
+         "is not NAME=FLAGS"),
 ]
 
 
