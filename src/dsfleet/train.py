@@ -4,6 +4,7 @@ started it, and runs a plain loop on the DeepSpeed engine. Read `train()` top to
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import math
@@ -456,7 +457,9 @@ class StepBoundaryGC:
     """Python's cyclic garbage collector at every `interval`-th step boundary instead of whenever allocation counts
     trigger it: a collection over the millions of objects of a transformers + DeepSpeed process, landing in the
     middle of backward, leaves the GPU waiting (GPT-2 XL on one H200: every few steps ~10 % slower). Objects alive
-    at the start of the loop are frozen out of collections. interval 0 leaves Python's collector as it is."""
+    at the start of the loop are frozen out of collections. interval 0 leaves Python's collector as it is.
+    stop() (also run at exit, whichever way the run ends) hands everything back to Python's collector, so the
+    interpreter's own shutdown collection still frees the frozen objects (process groups, their threads)."""
 
     def __init__(self, interval: int):
         self.interval = interval
@@ -464,9 +467,11 @@ class StepBoundaryGC:
             gc.collect()
             gc.freeze()
             gc.disable()
+            atexit.register(self.stop)
 
     def stop(self) -> None:
         if self.interval:
+            gc.unfreeze()
             gc.enable()
 
     def maybe_collect(self, step: int) -> None:
