@@ -1,5 +1,6 @@
 """The training entry point as real DeepSpeed ranks on CPU (deepspeed launcher, DS_ACCELERATOR=cpu, gloo):
 every workload trains (loss falls), ZeRO-2 and ZeRO-3, checkpoints + HF export, and exact resume."""
+import json
 import os
 import shutil
 
@@ -67,6 +68,21 @@ def test_single_cpu_process_gradient_accumulation(tmp_path):
     assert proc.returncode == 0, explain(proc)
     assert "1 rank(s) via single" in proc.stdout and "grad accum 2" in proc.stdout
     assert_loss_falls(out, factor=0.8)
+
+
+def test_one_rank_zero2_without_reduce_scatter_trains_the_same(tmp_path):
+    """On one rank dsfleet turns ZeRO-2's reduce-scatter off (dsconfig.default_reduce_scatter: less copying); with
+    gradient accumulation the losses must be exactly DeepSpeed's reduce-scatter path's."""
+    runs = {}
+    for name, extra in (("default", []), ("reduce_scatter", ["--reduce_scatter", "true"])):
+        out = tmp_path / name
+        proc = python_train(["--preset", "gpt2_tiny", *COMMON, "--gradient_accumulation_steps", "2", "--zero", "2",
+                             "--max_steps", "10", "--logging_steps", "1", "--output_dir", str(out), *extra])
+        assert proc.returncode == 0, explain(proc)
+        config = json.loads((out / "ds_config.json").read_text())
+        runs[name] = (config["zero_optimization"]["reduce_scatter"], losses(out))
+    assert runs["default"][0] is False and runs["reduce_scatter"][0] is True
+    assert len(runs["default"][1]) == 10 and runs["default"][1] == runs["reduce_scatter"][1], runs
 
 
 def test_resume_continues_the_same_curve(tmp_path):

@@ -50,6 +50,13 @@ def default_overlap_comm(zero_stage: int, world_size: int, on_cpu: bool) -> bool
     return not on_cpu and (world_size > 1 or zero_stage == 3)
 
 
+def default_reduce_scatter(world_size: int) -> bool:
+    """reduce_scatter for ZeRO-1/2 unless there is one rank. On one rank DeepSpeed's reduce-scatter path still
+    flattens every bucket into a new tensor and copies each gradient back out of it; its all-reduce path reduces
+    the bucket in place (a no-op on one rank). Same gradients either way."""
+    return world_size > 1
+
+
 def default_reduce_bucket(hidden_size: int, zero_stage: int) -> int:
     """reduce_bucket_size when the spec names none: max(h², 5e7) for ZeRO-1/2, h² for ZeRO-3."""
     h2 = hidden_size * hidden_size
@@ -65,7 +72,9 @@ def generate(spec, *, world_size: int, hidden_size: int, zero_stage: int, on_cpu
                     if spec.overlap_comm is None else spec.overlap_comm,
                     reduce_bucket_size=spec.reduce_bucket_size or default_reduce_bucket(hidden_size, zero_stage))
     if zero_stage in (1, 2):
-        zero.update(allgather_bucket_size=spec.allgather_bucket_size or 5 * 10**8, reduce_scatter=True)
+        zero.update(allgather_bucket_size=spec.allgather_bucket_size or 5 * 10**8,
+                    reduce_scatter=default_reduce_scatter(world_size) if spec.reduce_scatter is None
+                    else spec.reduce_scatter)
     if zero_stage == 3:
         zero.update(
             stage3_prefetch_bucket_size=spec.stage3_prefetch_bucket_size or int(0.9 * h2),

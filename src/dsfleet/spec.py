@@ -84,6 +84,7 @@ class RunSpec(BaseModel):
     stage3_max_live_parameters: int | None = None
     stage3_max_reuse_distance: int | None = None
     overlap_comm: bool | None = None
+    reduce_scatter: bool | None = None  # ZeRO-1/2; default: on with more than one rank (dsconfig says why)
     gpu_mem_bytes: int | None = None  # planner input for `zero: auto`; default: the visible GPU's memory
     # fast path (dsfleet/fastpath.py): same math, fewer kernels and bytes; all off = the stock transformers path
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"  # auto: SDPA if supported

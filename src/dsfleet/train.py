@@ -87,7 +87,7 @@ def train(spec) -> int:
     resume_dir = checkpoint.find(resume_request, out) if resume_request else None
     dist.barrier()
     if is_main:
-        prepare_output_dir(out, spec)
+        prepare_output_dir(out, spec, ds_config)
     dist.barrier()
     seed_everything(spec.seed)
 
@@ -269,7 +269,7 @@ def check_output_dir(out: Path, spec) -> None:
         fail("--overwrite_output_dir and --resume_from_checkpoint contradict each other — choose one")
 
 
-def prepare_output_dir(out: Path, spec) -> None:
+def prepare_output_dir(out: Path, spec, ds_config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if spec.overwrite_output_dir:  # asked for: remove only what a previous dsfleet run wrote
         for name in ARTIFACTS:
@@ -277,6 +277,7 @@ def prepare_output_dir(out: Path, spec) -> None:
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     from dsfleet.spec import spec_to_yaml
     (out / "spec.yaml").write_text(spec_to_yaml(spec))
+    (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2, default=str) + "\n")  # what DeepSpeed was given
 
 
 def hidden_size_of(config: dict) -> int:
