@@ -149,7 +149,8 @@ def test_gpu_suites_orchestration(tmp_path, monkeypatch):
         if arg["--module"] == "dsfleet.hf_baseline":
             out = {"zero_stage": 3 if "zero3" in arg["--deepspeed"] else 2, "tokens_per_s": tps, "tflops_per_gpu": 1.0,
                    "mfu": 0.1, "peak_mem_bytes": 2**34, "first_step_end_unix": None, "losses": {"1": 11.0},
-                   "attn_implementation": "sdpa"}
+                   "attn_implementation": "sdpa",  # steps of 8 x 1024 tokens, one slow outlier
+                   "step_ms": [8192 / tps * 1000] * 14 + [5000.0]}
             open(arg["--result"], "w").write(json.dumps(out))
             return True
         run_dir = Path(arg["--output_dir"])
@@ -190,6 +191,10 @@ def test_gpu_suites_orchestration(tmp_path, monkeypatch):
     checks = {c["what"]: c for c in doc["checks"]}
     assert checks["dsfleet fast / HF Trainer tokens/s"]["value"] == pytest.approx(40 / 18)
     assert checks["dsfleet fast / HF Trainer tokens/s"]["pass"] is True
+    median = checks["dsfleet fast / HF Trainer, median step time (the same ratio without slow outlier steps)"]
+    assert median["value"] == pytest.approx(40 / 18) and median["target"] is None  # the outlier does not move it
+    assert runs["dsfleet_fast_relaunch"]["step_ms"] == [pytest.approx(8192 / 40e3 * 1000)] * 15
+    assert "| 205 (205-205) |" in (tmp_path / "out" / "results.md").read_text()
     assert checks["dsfleet fast MFU"]["value"] == pytest.approx(40e3 * 10.3e9 / 1e12 / 989)
     assert checks["dsfleet fast MFU"]["pass"] is True
     assert checks["dsfleet (planner) / HF Trainer seed ZeRO-3 tokens/s"]["value"] == pytest.approx(9.5 / 3)

@@ -33,6 +33,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -97,6 +98,7 @@ class Result:
     peak_mem_gib: float | None = None
     first_step_s: float | None = None
     wall_s: float | None = None
+    step_ms: list[float] = field(default_factory=list)  # each timed step's wall time (dsfleet runs: per-step rows)
     losses: dict[int, float] = field(default_factory=dict)
     command: str = ""
     log: str = ""
@@ -214,9 +216,11 @@ class Bench:
         for spec in self.args.variant:
             name, _, extra = spec.partition("=")
             variant = self.run_dsfleet(suite, f"dsfleet_fast_{name}", w, 1, [*fast_flags, *shlex.split(extra)],
-                                       f"ZeRO-2, fast path + {extra}")
+                                       f"ZeRO-2, fast path + {extra}", fast=True)
             self.check_ratio(suite, f"dsfleet fast + {extra} / HF Trainer tokens/s", variant, hf, None)
         self.check_ratio(suite, "dsfleet fast / HF Trainer tokens/s", fast, hf, None if self.cpu else TARGETS["gpt2_vs_hf"])
+        self.check(suite, "dsfleet fast / HF Trainer, median step time (the same ratio without slow outlier steps)",
+                   median_ratio(hf, fast), None, fmt="{:.2f}x")
         self.check_ratio(suite, "dsfleet plain / HF Trainer tokens/s", plain, hf, None)
         if not self.cpu:
             self.check(suite, "dsfleet fast MFU", fast.mfu, TARGETS["gpt2_mfu"], fmt="{:.1%}")
@@ -351,6 +355,7 @@ class Bench:
             return
         step_tokens = w.micro_batch * gpus * w.tokens_per_row
         seconds = [step_tokens / r["tokens_per_s"] for r in timed]
+        result.step_ms = [round(1000 * t, 2) for t in seconds]
         total = sum(seconds)
         result.tokens_per_s = step_tokens * len(timed) / total
         result.tflops_per_gpu = sum(r["tflops"] * s for r, s in zip(timed, seconds)) / total / gpus
@@ -379,6 +384,7 @@ class Bench:
             result.peak_mem_gib = data["peak_mem_bytes"] / 2**30 if data.get("peak_mem_bytes") else None
             result.first_step_s = data["first_step_end_unix"] - self.launch_time if data.get("first_step_end_unix") else None
             result.losses = {int(k): v for k, v in data["losses"].items()}
+            result.step_ms = data.get("step_ms", [])
             result.config += f" [attention {data.get('attn_implementation')}]"
             result.ok = True
         self.record(result)
@@ -517,8 +523,9 @@ def markdown(doc: dict[str, Any]) -> str:
              f"torch {env['torch']}, transformers {env['transformers']}, deepspeed {env['deepspeed']}, "
              f"accelerate {env['accelerate']}, python {env['python']}; {env['host_cpus']} host CPUs.",
              f"Command: `{env['command']}` ({env['elapsed_s']:.0f} s).", "",
-             "| suite | run | GPUs | ZeRO | tokens/s | tokens/s/GPU | TFLOP/s/GPU | MFU | peak mem GiB | first step s | config |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| suite | run | GPUs | ZeRO | tokens/s | tokens/s/GPU | TFLOP/s/GPU | MFU | peak mem GiB | first step s | "
+             "step ms: median (min-max) | config |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
 
     def num(v, fmt="{:,.0f}"):
         return "—" if v is None else fmt.format(v)
@@ -527,7 +534,8 @@ def markdown(doc: dict[str, Any]) -> str:
         name = r["name"] if r["ok"] else f"{r['name']} ({'failed, measured again' if r['superseded'] else 'FAILED'}: {r['note'][:120]})"
         lines.append(f"| {r['suite']} | {name} | {r['gpus']} | {num(r['zero_stage'], '{}')} | {num(r['tokens_per_s'])} | "
                      f"{num(r['tokens_per_s_per_gpu'])} | {num(r['tflops_per_gpu'], '{:.1f}')} | {num(r['mfu'], '{:.1%}')} | "
-                     f"{num(r['peak_mem_gib'], '{:.1f}')} | {num(r['first_step_s'], '{:.0f}')} | {r['config']} |")
+                     f"{num(r['peak_mem_gib'], '{:.1f}')} | {num(r['first_step_s'], '{:.0f}')} | "
+                     f"{step_spread(r.get('step_ms'))} | {r['config']} |")
     lines += ["", "| suite | check | value | target | |", "| --- | --- | ---: | ---: | --- |"]
     for c in doc["checks"]:
         target = "—" if c["target"] is None else ("<= " if c["below"] else ">= ") + c["fmt"].format(c["target"])
@@ -546,6 +554,20 @@ def markdown(doc: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # Small helpers.
+
+def median_ratio(slow: Result, fast: Result) -> float | None:
+    """slow's median step time over fast's: a speed ratio for runs with the same tokens per step."""
+    if not (slow.ok and fast.ok and slow.step_ms and fast.step_ms):
+        return None
+    return statistics.median(slow.step_ms) / statistics.median(fast.step_ms)
+
+
+def step_spread(step_ms: list[float] | None) -> str:
+    """Median and range of the timed steps: how much one run's mean can be trusted against another's."""
+    if not step_ms:
+        return "—"
+    return f"{statistics.median(step_ms):.0f} ({min(step_ms):.0f}-{max(step_ms):.0f})"
+
 
 def bench_command(args) -> str:
     words = ["dsfleet", "bench"]

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_mem_bytes": timer.peak_mem, "n_params": flops.n_params,
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "model_init_s": init_s, "first_step_end_unix": timer.first_step_end,
+            "step_ms": [round(1000 * (b - a), 2) for a, b in zip(timer.step_ends, timer.step_ends[1:])],
             "losses": timer.losses, "transformers": transformers.__version__, "torch": torch.__version__,
         }
         tmp = Path(args.result).with_suffix(".tmp")
@@ -161,6 +162,7 @@ def _StepTimer(base, warmup: int, steps: int, gpu: bool):
             self.first_step_end = None
             self.peak_mem = None
             self.losses: dict[int, float] = {}
+            self.step_ends: list[float] = []  # perf_counter at the end of steps warmup..steps: per-step wall times
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 1:
@@ -173,6 +175,8 @@ def _StepTimer(base, warmup: int, steps: int, gpu: bool):
                 sync()
                 self.end = time.perf_counter()
                 self.peak_mem = peak_memory()["peak_mem_bytes"]  # as dsfleet's metrics rows record it
+            if warmup <= state.global_step <= steps:  # loss logging at every step syncs the device each step
+                self.step_ends.append(time.perf_counter())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
