@@ -10,4 +10,12 @@ OUT=${OUT:-$PWD/runs/bench}
 mkdir -p "$OUT"
 # shellcheck source=scripts/device_env.sh
 . scripts/device_env.sh || exit 1
+# GPU clocks, power and temperature every 250 ms for the whole call: a slow step beside a clock drop is the card,
+# not the code (the metrics rows carry unix times to line them up)
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu \
+    --format=csv,nounits -lms 250 >"$OUT/gpu_telemetry.csv" 2>/dev/null &
+  _telemetry=$!
+  trap 'kill "$_telemetry" 2>/dev/null' EXIT
+fi
 python3 -m dsfleet.cli bench --out "$OUT" "$@"

@@ -90,7 +90,8 @@ class MetricsLog:
         if not self.enabled:
             return {}
         elapsed = max(time.perf_counter() - self._window_start, 1e-9)
-        row = {"step": step, **self.tags, **values, "tokens_per_s": self._tokens * self.world / elapsed,
+        row = {"step": step, "time": round(time.time(), 3), **self.tags, **values,  # time: unix, at the log
+               "tokens_per_s": self._tokens * self.world / elapsed,
                "tflops": self._flops * self.world / elapsed / 1e12}
         row["tflops_per_gpu"] = row["tflops"] / self.world
         if self.peak:
@@ -129,7 +130,7 @@ class MetricsLog:
                 self._warned = True
         if self.tb:
             for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k not in ("step", "time") and isinstance(v, (int, float)):  # TensorBoard keeps its own wall time
                     self.tb.add_scalar(("eval/" if k.startswith("eval") or k in ("bleu", "perplexity") else "train/") + k, v, row["step"])
 
     def close(self) -> None:
