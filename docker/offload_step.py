@@ -32,6 +32,9 @@ def main() -> int:
     from deepspeed.ops.op_builder.builder import OpBuilder
 
     deepspeed.init_distributed()
+    from dsfleet.dist_env import release_cpu_allreduce_segment  # the one helper used: /dev/shm would fill
+    torch.distributed.barrier()
+    release_cpu_allreduce_segment(torch.distributed.get_rank())
     accel = get_accelerator()
     on_gpu = accel.device_name() != "cpu"
     torch.manual_seed(0)

@@ -134,7 +134,8 @@ def test_zero_offload_two_ranks_uses_the_prebuilt_libraries(tmp_path):
     ext = tmp_path / "torch_extensions"
     ext.mkdir()
     env = cpu_env(TORCH_EXTENSIONS_DIR=str(ext))
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()), "docker/offload_step.py",
+    port = _port()
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "docker/offload_step.py",
            "--zero", "2", "--offload_optimizer", "cpu", "--steps", "2", "--aio_dir", str(tmp_path)]
     proc = run(cmd, env=env, timeout=300)
     assert proc.returncode == 0, explain(proc)
@@ -146,6 +147,7 @@ def test_zero_offload_two_ranks_uses_the_prebuilt_libraries(tmp_path):
         assert "/deepspeed/ops/" in report["ops"][op], report["ops"]
     assert report["aio"] == "ok", report
     assert report["jit_built"] == [] and not list(ext.iterdir())
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # released, not leaked
 
 
 def _port() -> int:
