@@ -79,6 +79,8 @@ CASES = [
     Case("nvme-without-path", "cli", ("train", *TINY, "--zero", "3", "--offload_optimizer", "nvme"), "--nvme_path"),
     Case("negative-max-steps", "cli", ("train", *TINY[:-1], "-3"), "--max_steps -3 is not a step count"),
     Case("negative-gc-interval", "cli", ("train", *TINY, "--gc_interval", "-1"), "--gc_interval -1: must be >= 0"),
+    Case("reduce-scatter-not-bool", "cli", ("train", *TINY, "--reduce_scatter", "maybe"),
+         "--reduce_scatter maybe: not true/false"),
     Case("overwrite-and-resume", "cli", ("train", *TINY, "--overwrite_output_dir", "--resume_from_checkpoint", "auto"),
          "contradict each other"),
     Case("resume-missing-checkpoint", "cli", ("train", *TINY, "--resume_from_checkpoint", "ckpt/step_9"),
