@@ -32,7 +32,7 @@ def main() -> int:
     from deepspeed.ops.op_builder.builder import OpBuilder
 
     deepspeed.init_distributed()
-    from dsfleet.dist_env import release_cpu_allreduce_segment  # the one helper used: /dev/shm would fill
+    from dsfleet.dist_env import leave_process_group, release_cpu_allreduce_segment  # /dev/shm, clean exit
     torch.distributed.barrier()
     release_cpu_allreduce_segment(torch.distributed.get_rank())
     accel = get_accelerator()
@@ -91,6 +91,7 @@ def main() -> int:
             "aio": aio,
         }
         print("OFFLOAD_STEP " + json.dumps(report), flush=True)
+    leave_process_group()
     return 0
 
 

@@ -7,7 +7,7 @@ import os
 import deepspeed
 import torch
 
-from dsfleet.dist_env import release_cpu_allreduce_segment
+from dsfleet.dist_env import leave_process_group, release_cpu_allreduce_segment
 
 deepspeed.init_distributed(dist_backend="gloo")
 rank = torch.distributed.get_rank()
@@ -45,3 +45,4 @@ if rank == 0:
     params = [p.detach().float().flatten().tolist() for p in engine.module.parameters()]
     print("RESULT " + json.dumps({"losses": losses, "norms": norms, "skipped": engine.skipped_steps,
                                   "params": params, "why_not": why_not, "checks_from": checks_from}), flush=True)
+leave_process_group()

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                               Trainer, TrainerCallback, TrainingArguments, set_seed)
 
     from dsfleet.data import Collator, SyntheticTokens
-    from dsfleet.dist_env import release_cpu_allreduce_segment
+    from dsfleet.dist_env import leave_process_group, release_cpu_allreduce_segment
     from dsfleet.metrics import FlopCounter, batch_tokens
     from dsfleet.models import build_config
     from dsfleet.presets import get_preset
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(args.result)
         print(f"hf_baseline: {result['tokens_per_s']:,.0f} tokens/s, {tflops / world:.1f} TFLOP/s per GPU over "
               f"steps {args.warmup + 1}-{args.steps}", flush=True)
+    leave_process_group()
     return 0
 
 

@@ -180,6 +180,7 @@ def train(spec) -> int:
                     print(f"dsfleet: preempted ({stop.signal_name}) — checkpoint step {step} saved, exiting "
                           f"{EXIT_PREEMPTED} for requeue", flush=True)
                 log.close()
+                dist_env.leave_process_group()
                 return EXIT_PREEMPTED
         save(step)
         collector.stop()
@@ -195,6 +196,7 @@ def train(spec) -> int:
     log.close()
     if is_main:
         print(f"dsfleet: done — run dir {out} (metrics.jsonl, plot.png, checkpoints/, final/)", flush=True)
+    dist_env.leave_process_group()
     return 0
 
 
