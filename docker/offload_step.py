@@ -33,8 +33,7 @@ def main() -> int:
 
     deepspeed.init_distributed()
     from dsfleet.dist_env import leave_process_group, release_cpu_allreduce_segment  # /dev/shm, clean exit
-    torch.distributed.barrier()
-    release_cpu_allreduce_segment(torch.distributed.get_rank())
+    release_cpu_allreduce_segment()
     accel = get_accelerator()
     on_gpu = accel.device_name() != "cpu"
     torch.manual_seed(0)

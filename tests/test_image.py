@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, VENV_BIN, cpu_env, deepspeed_train, explain, metrics
+from tests.launch import REPO, VENV_BIN, allreduce_segments_left, cpu_env, deepspeed_train, explain, metrics
 
 DOCKER = REPO / "docker"
 JIT_MARKERS = ("Building extension module", "Loading extension module", "Emitting ninja build file")
@@ -147,7 +147,7 @@ def test_zero_offload_two_ranks_uses_the_prebuilt_libraries(tmp_path):
         assert "/deepspeed/ops/" in report["ops"][op], report["ops"]
     assert report["aio"] == "ok", report
     assert report["jit_built"] == [] and not list(ext.iterdir())
-    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # released, not leaked
+    assert not allreduce_segments_left(port)  # released, not leaked
 
 
 def _port() -> int:

@@ -1,12 +1,11 @@
 """The training entry point as real DeepSpeed ranks on CPU (deepspeed launcher, DS_ACCELERATOR=cpu, gloo):
 every workload trains (loss falls), ZeRO-2 and ZeRO-3, checkpoints + HF export, and exact resume."""
 import json
-import os
 import shutil
 
 import pytest
 
-from tests.launch import deepspeed_train, explain, losses, metrics, python_train
+from tests.launch import allreduce_segments_left, deepspeed_train, explain, losses, metrics, python_train
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +56,7 @@ def test_causal_lm_two_ranks(tmp_path, preset):
         assert all("mamba_scan" not in r for r in train_rows)
     # DeepSpeed's CPU all-reduce made a /dev/shm segment per rank for this run's port; dsfleet removed the names
     port = proc.args[proc.args.index("--master_port") + 1]
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in f]
+    assert not allreduce_segments_left(port)
     assert all(r.get("grad_norm") is not None and r["grad_norm"] > 0 for r in train_rows), train_rows[:2]
 
 

@@ -11,8 +11,7 @@ from dsfleet.dist_env import leave_process_group, release_cpu_allreduce_segment
 
 deepspeed.init_distributed(dist_backend="gloo")
 rank = torch.distributed.get_rank()
-torch.distributed.barrier()
-release_cpu_allreduce_segment(rank)
+release_cpu_allreduce_segment()
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
 config = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": float(os.environ["CLIP"]),

@@ -141,14 +141,18 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def release_cpu_allreduce_segment(rank: int) -> None:
+def release_cpu_allreduce_segment() -> None:
     """DeepSpeed's CPU all-reduce (its shm comm op, used when every rank is on one host) creates a ~69 MB
     /dev/shm segment per rank at init_distributed and never removes it: a hundred 2-rank CPU runs fill a 24 GB
-    /dev/shm, and then runs hang. Call this after a barrier that follows deepspeed.init_distributed — by then every
-    rank has mapped its peers' segments — to remove this rank's name now; the memory is freed when the ranks exit,
-    kill -9 included. A no-op where there is no such segment (GPU runs, ranks on several hosts)."""
+    /dev/shm, and then runs hang. Every rank calls this once after deepspeed.init_distributed: it waits at a barrier
+    (by then every rank has mapped its peers' segments) and removes this rank's name; the memory is freed when the
+    ranks exit, kill -9 included. A no-op where there is no such segment (GPU runs, ranks on several hosts)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
     try:
         os.unlink(os.path.join("/dev/shm", name))
     except FileNotFoundError:

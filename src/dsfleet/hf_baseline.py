@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = trainer_cls(model=model, args=training_args, train_dataset=data, data_collator=collate,
                           callbacks=[timer])
     trainer.train()
-    release_cpu_allreduce_segment(rank)  # DeepSpeed's CPU all-reduce segment (dist_env says why)
+    release_cpu_allreduce_segment()  # DeepSpeed's CPU all-reduce segment (dist_env says why)
 
     if rank == 0:
         flops = FlopCounter(model, preset.family)

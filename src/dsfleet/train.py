@@ -76,8 +76,7 @@ def train(spec) -> int:
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
                                verbose=False)
     import torch.distributed as dist
-    dist.barrier()
-    dist_env.release_cpu_allreduce_segment(denv.rank)  # every rank has mapped its peers' by now
+    dist_env.release_cpu_allreduce_segment()
     raw = None if spec.synthetic_data else data.load_raw(spec)  # data errors surface before anything is written
     if raw is not None:
         if "train" not in raw and spec.do_train:
