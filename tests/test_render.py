@@ -19,7 +19,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from dsfleet import cli, render
+from dsfleet import cli, dsconfig, render
+from dsfleet.spec import parse_args
 from tests.launch import REPO, VENV_BIN
 
 # the oldest Kubernetes the files claim (podFailurePolicy GA; podReplacementPolicy beta, on by default) and the
@@ -179,14 +180,18 @@ def test_k8s_jobs_carry_what_the_issue_asks():
         assert vols[mounts["/checkpoints"]]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
         assert env["DSFLEET_OUTPUT_DIR"].startswith("/checkpoints/")
         assert vols[mounts["/etc/dsfleet"]]["configMap"]["name"] == cm["metadata"]["name"]
-        # the ConfigMap's DeepSpeed config is the one the pods train with, sized for this world
+        # the ConfigMap's DeepSpeed config is the one the pods train with: DeepSpeed's choices in the file, the
+        # training values "auto" there and given by the flags — one source each; filled, it is sized for this world
         ds = json.loads(cm["data"]["ds_config.json"])
         args = c["args"]
         assert args[args.index("--deepspeed") + 1] == "/etc/dsfleet/ds_config.json"
-        assert ds["train_batch_size"] == (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
-                                          * nodes * per_node)
-        assert ds["zero_optimization"]["stage"] == int(args[args.index("--zero") + 1])
-        assert ds.get("bf16", {}).get("enabled") is True  # both committed Jobs train in bf16
+        assert not set(args) & {"--zero", "--offload_optimizer", "--offload_param"}, args
+        assert ds["train_batch_size"] == "auto" and ds["optimizer"]["params"]["lr"] == "auto"
+        pod_spec = parse_args(args)
+        filled = dsconfig.fill_auto(ds, pod_spec, world_size=nodes * per_node, hidden_size=1024, total_steps=10)
+        assert filled["train_batch_size"] == (filled["train_micro_batch_size_per_gpu"] *
+                                              filled["gradient_accumulation_steps"] * nodes * per_node)
+        assert filled.get("bf16", {}).get("enabled") is True  # both committed Jobs train in bf16
         assert "StrictHostKeyChecking" not in f.read_text() and "kind: Secret" not in f.read_text()
 
 

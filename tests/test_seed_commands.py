@@ -1,9 +1,14 @@
 """Seed 001's run_translation.py commands run unchanged but for the model path and dataset, which point at
 local stand-ins (no hub here): the shipped ZeRO-2/ZeRO-3 JSON configs (optimizer offload to CPU, "auto"
-values), --fp16 (trained in fp32 on CPU ranks, said in one line), the deepspeed launcher on the script path."""
+values), --fp16 (fp16 where DeepSpeed's CPU accelerator supports it on this CPU, else fp32 said in one line), the
+deepspeed launcher on the script path."""
+import functools
+import json
 import shlex
+import sys
 
 import pytest
+import yaml
 
 from tests.launch import REPO, cpu_env, explain, free_port, losses, metrics
 from tests.local_assets import make_local_t5, make_local_wmt16
@@ -32,6 +37,15 @@ SEED_COMMANDS = {
 }
 
 
+@functools.cache
+def cpu_accelerator_fp16() -> bool:
+    """DeepSpeed's CPU accelerator's answer for this machine's CPU, asked the way a rank asks it."""
+    import subprocess
+    probe = "from deepspeed.accelerator import get_accelerator as g; print(bool(g().is_fp16_supported()))"
+    proc = subprocess.run([sys.executable, "-c", probe], env=cpu_env(), capture_output=True, text=True, timeout=120)
+    return proc.stdout.strip().splitlines()[-1] == "True"
+
+
 @pytest.fixture(scope="module")
 def local_hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
@@ -50,7 +64,12 @@ def test_seed_command_runs(name, local_hub, tmp_path):
     argv[0] = str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv").exists() else argv[0]
     proc = subprocess.run(argv + ["--no_progress"], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, explain(proc)
-    assert "trains in fp32" in proc.stdout  # --fp16 on CPU ranks: said, not silently ignored
+    # --fp16 on CPU ranks follows what DeepSpeed's CPU accelerator says of this CPU (AVX512-FP16/AMX CPUs train
+    # in fp16): fp16 where supported, else fp32 and one line saying so — never silently
+    ran_fp16 = json.loads((out / "ds_config.json").read_text()).get("fp16", {}).get("enabled") is True
+    assert ran_fp16 is cpu_accelerator_fp16()
+    assert ("trains in fp32" in proc.stdout) is not ran_fp16
+    assert yaml.safe_load((out / "spec.yaml").read_text())["fp16"] is ran_fp16
     assert losses(out), "no training metrics"
     assert (out / "checkpoints" / "latest").is_file() and (out / "final" / "model.safetensors").is_file()
     if name == "zero3_eval_predict":

@@ -65,6 +65,11 @@ def _fault_point(where: str, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def should_save(spec, step: int, total_steps: int) -> bool:
+    """A mid-run checkpoint every --save_steps (the end of the run always saves)."""
+    return bool(spec.save_steps) and step % spec.save_steps == 0 and step < total_steps
+
+
 def save(engine, root: Path, step: int, state: dict[str, Any], *, rank: int, keep: int | None) -> Path:
     """Every rank calls this. Returns the checkpoint dir; `latest` points at it only once it is complete."""
     tag = f"step_{step}"
@@ -251,3 +256,21 @@ def export_hf(engine, model, tokenizer, out_dir: Path, *, rank: int, zero_stage:
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
     _barrier()
+
+
+_RESUME_KEYS = {"world_size": "world size", "global_batch": "global batch", "schedule": "LR schedule"}
+
+
+def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """One line naming what the resuming run changes against the run that saved the checkpoint (world size,
+    global batch, LR schedule), or None. Keys an older checkpoint lacks are not compared."""
+    changes = []
+    for key, words in _RESUME_KEYS.items():
+        if key in saved and saved[key] != now.get(key):
+            if key == "schedule" and isinstance(saved[key], dict) and isinstance(now.get(key), dict):
+                diff = [f"{k} {saved[key].get(k)} -> {now[key].get(k)}" for k in sorted(set(saved[key]) | set(now[key]))
+                        if saved[key].get(k) != now[key].get(k)]
+                changes.append(f"{words} ({', '.join(diff)})")
+            else:
+                changes.append(f"{words} {saved[key]} -> {now.get(key)}")
+    return "resuming with a changed " + "; ".join(changes) if changes else None

@@ -29,6 +29,18 @@ def embedded_files(task: str) -> dict[str, str]:
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
 
 
+def load_checked(spec, world_size: int):
+    """The raw splits with their columns and size checked, or None for --synthetic_data."""
+    if spec.synthetic_data:
+        return None
+    raw = load_raw(spec)
+    if "train" not in raw and spec.do_train:
+        fail("the dataset has no 'train' split — pass --train_file or a dataset with a train split")
+    check_columns(spec, raw)
+    check_train_size(spec, raw, world_size)
+    return raw
+
+
 def load_raw(spec) -> dict[str, Any]:
     """The raw splits as `datasets` objects: {'train': ..., 'validation': ..., 'test': ...} (those present)."""
     import datasets
@@ -75,10 +87,9 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int, save_dir: Path):
-    """A byte-level BPE trained on the run's own training text (no hub needed), saved for resume/export."""
+def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int, save_dir: Path | None = None):
+    """A byte-level BPE trained on the run's own training text (no hub needed); saved when save_dir is given."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
@@ -87,9 +98,37 @@ def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int, save_dir: Path):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(save_dir)
+    fast = _fast_tokenizer(tok.to_str())
+    if save_dir is not None:
+        fast.save_pretrained(save_dir)
     return fast
+
+
+def _fast_tokenizer(serialized: str):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(serialized), pad_token="<pad>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def run_tokenizer(spec, source, raw, out: Path, rank: int):
+    """The run's tokenizer: --tokenizer_name, else the model dir's, else the one this run dir already holds (a
+    resume), else a BPE trained by rank 0 on the training text and sent to every rank (saved with the run dir
+    once every check has passed: `trained_here`)."""
+    import torch.distributed as dist
+    name = spec.tokenizer_name or (spec.model_name_or_path if not spec.from_scratch else None)
+    if name:
+        return load_tokenizer(name)
+    if (out / "tokenizer" / "tokenizer.json").is_file():
+        return load_tokenizer(str(out / "tokenizer"))
+    serialized = [None]
+    if rank == 0:
+        vocab = int(source.preset.config.get("vocab_size", 512))
+        serialized[0] = train_bpe_tokenizer(training_texts(spec, raw), vocab).backend_tokenizer.to_str()
+    dist.broadcast_object_list(serialized, src=0)
+    tokenizer = _fast_tokenizer(serialized[0])
+    tokenizer.trained_here = True
+    return tokenizer
 
 
 def load_tokenizer(path: str):
@@ -106,7 +145,7 @@ def training_texts(spec, raw) -> Iterator[str]:
             t = row["translation"]
             yield t[spec.source_lang]
             yield t[spec.target_lang]
-        else:
+        elif row[spec.text_column]:
             yield row[spec.text_column]
 
 
@@ -124,6 +163,59 @@ def check_columns(spec, raw) -> None:
         elif spec.text_column not in ds.column_names:
             fail(f"{split} data has no {spec.text_column!r} column (columns: {', '.join(ds.column_names)}) — "
                  "pass --text_column")
+
+
+def _first_hole(column, allow_empty: bool) -> int | None:
+    """Index of the first None (or, unless allowed, empty/blank) value of a pyarrow column, or None."""
+    import pyarrow.compute as pc
+    holes = pc.is_null(column)
+    if not allow_empty:
+        text = pc.fill_null(pc.cast(column, "string"), "")
+        holes = pc.or_(holes, pc.equal(pc.utf8_trim_whitespace(text), ""))
+    if not pc.any(holes).as_py():
+        return None
+    return pc.index(holes, True).as_py()
+
+
+def check_cells(spec, raw) -> None:
+    """Holes in the data — a missing (None) text, an empty or missing side of a translation pair — are one line
+    naming the file, the row and the fix. Blank lines of causal-LM text are allowed (a paragraph break in a .txt)."""
+    for split, ds in raw.items():
+        where = _file_of(spec, split)
+        table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        if spec.task == "translation":
+            pairs = table.column("translation")
+            import pyarrow.compute as pc
+            for lang in (spec.source_lang, spec.target_lang):
+                row = _first_hole(pc.struct_field(pairs, lang), allow_empty=False)
+                if row is not None:
+                    fail(f"{where} row {row + 1}: the {lang!r} side of the translation is empty — fill it in or "
+                         "remove the row")
+        else:
+            row = _first_hole(table.column(spec.text_column), allow_empty=True)
+            if row is not None:
+                fail(f"{where} row {row + 1}: the {spec.text_column!r} cell is empty (None) — fill it in or remove "
+                     "the row")
+
+
+def _file_of(spec, split: str) -> str:
+    path = {"train": spec.train_file, "validation": spec.validation_file, "test": spec.test_file}.get(split)
+    return f"--{split}_file {path}" if path else f"{split} split of {spec.dataset_name}"
+
+
+def check_blocks(spec, splits, max_positions: int | None) -> None:
+    """A causal-LM block size the model cannot take, or one the data cannot fill once, is said before anything is
+    written (not an IndexError in the first forward, nor an empty batch order)."""
+    if spec.task == "translation":
+        return
+    if max_positions and spec.block_size > max_positions:
+        fail(f"--block_size {spec.block_size} is longer than the model's {max_positions} positions — pass "
+             f"--block_size {max_positions} or less")
+    for split, ds in splits.items():
+        if len(ds) == 0:
+            flag = f"--{split}_file" if split != "train" or spec.train_file else "the train split"
+            fail(f"{flag}: the {split} text is shorter than one block of --block_size {spec.block_size} tokens — "
+                 "pass a smaller --block_size or give more text")
 
 
 def check_train_size(spec, raw, world_size: int) -> None:
@@ -162,12 +254,30 @@ def tokenize(spec, raw, tokenizer) -> dict[str, Any]:
             block = spec.block_size
 
             def encode(batch):
-                ids = [i for text in batch[spec.text_column] for i in _with_eos(tokenizer(text)["input_ids"], tokenizer)]
+                ids = [i for text in batch[spec.text_column] if text
+                       for i in _with_eos(tokenizer(text)["input_ids"], tokenizer)]
                 n = len(ids) // block * block
                 return {"input_ids": [ids[i:i + block] for i in range(0, n, block)]}
         out[split] = ds.map(encode, batched=True, remove_columns=ds.column_names, keep_in_memory=True,
                             batch_size=1000 if spec.task == "translation" else 100_000)
     return out
+
+
+def prepare(spec, source, raw, out: Path, rank: int):
+    """(tokenizer, tokenized splits) for the run — or synthetic token batches when there is no raw data. Every
+    check of the data happens here, before the run dir is written."""
+    if raw is None:
+        vocab = int(source.preset.config.get("vocab_size", 32128))
+        seq2seq = source.family == "t5"
+        src = spec.max_source_length if seq2seq else spec.block_size
+        n = spec.max_train_samples or 100_000
+        return None, {"train": SyntheticTokens(n, vocab, seq2seq, src, spec.max_target_length, spec.seed),
+                      "validation": SyntheticTokens(64, vocab, seq2seq, src, spec.max_target_length, spec.seed + 1)}
+    check_cells(spec, raw)
+    tokenizer = run_tokenizer(spec, source, raw, out, rank)
+    splits = tokenize(spec, raw, tokenizer)
+    check_blocks(spec, splits, source.max_positions)
+    return tokenizer, splits
 
 
 def _with_eos(ids: list[int], tokenizer) -> list[int]:
@@ -244,6 +354,15 @@ class ResumableOrder:
                 self.offset += self.micro * self.world
                 yield order[start:start + self.micro]
             self.epoch, self.offset = self.epoch + 1, 0
+
+
+def planned_steps(spec, order: "ResumableOrder | None") -> int:
+    """Optimizer steps of the run: --max_steps, else --num_train_epochs over the batch order (0: no training)."""
+    if order is None:
+        return 0
+    import math
+    per_epoch = max(order.micro_steps_per_epoch // spec.gradient_accumulation_steps, 1)
+    return spec.max_steps if spec.max_steps > 0 else math.ceil(spec.num_train_epochs * per_epoch)
 
 
 def eval_batches(ds, batch_size: int, rank: int, world: int) -> Iterator[list[int]]:

@@ -164,8 +164,10 @@ def _walk(node, prefix=""):
         yield prefix.rstrip("."), node
 
 
-def check(config: dict[str, Any], *, world_size: int, on_cpu: bool, accelerator_fp16: bool) -> dict[str, Any]:
-    """Batch arithmetic and precision; returns the config (with fp16 turned off on CPU, said once)."""
+def check(config: dict[str, Any], *, world_size: int, on_cpu: bool,
+          accelerator_fp16: bool) -> tuple[dict[str, Any], str | None]:
+    """Batch arithmetic and precision: the config (fp16 turned off on a CPU accelerator without fp16) and the
+    line that says so (None when nothing changed)."""
     micro = config.get("train_micro_batch_size_per_gpu")
     gas = config.get("gradient_accumulation_steps")
     total = config.get("train_batch_size")
@@ -179,10 +181,10 @@ def check(config: dict[str, Any], *, world_size: int, on_cpu: bool, accelerator_
     if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
         fail("DeepSpeed config enables both fp16 and bf16 — enable one")
     if config.get("fp16", {}).get("enabled") and on_cpu and not accelerator_fp16:
-        config = dict(config, fp16={"enabled": False})
-        print("dsfleet: fp16 is not supported by DeepSpeed's CPU accelerator — this CPU run trains in fp32 "
-              "(use --bf16 for reduced precision on CPU)", flush=True)
-    return config
+        return dict(config, fp16={"enabled": False}), (
+            "fp16 is not supported by DeepSpeed's CPU accelerator on this CPU — this CPU run trains in fp32 "
+            "(use --bf16 for reduced precision on CPU)")
+    return config, None
 
 
 def zero_stage_of(config: dict[str, Any]) -> int:
@@ -194,3 +196,23 @@ def zero_stage_of(config: dict[str, Any]) -> int:
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         fail(f"DeepSpeed config zero_optimization.stage {stage!r} is not a ZeRO stage — use 0, 1, 2 or 3")
     return int(stage)
+
+
+# the values of a DeepSpeed config that the run spec's flags carry (fill_auto fills each from the spec)
+SPEC_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping",
+              "optimizer.params.lr", "optimizer.params.betas", "optimizer.params.eps", "optimizer.params.weight_decay",
+              "fp16.enabled", "bf16.enabled")
+
+
+def with_spec_autos(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with "auto" where the spec's flags hold the value: a file handed to a command that also carries
+    those flags then has one source for each value (DeepSpeed's own choices stay in the file)."""
+    cfg = copy.deepcopy(config)
+    for dotted in SPEC_OWNED:
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = "auto"
+    return cfg

@@ -66,7 +66,7 @@ class MetricsLog:
 
     def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int, peak_tflops: float | None,
                  world_size: int, show_progress: bool, report_to: list[str], tags: dict[str, str] | None = None):
-        self.enabled, self.peak, self.world = enabled, peak_tflops, world_size
+        self.enabled, self.peak, self.world, self.total_steps = enabled, peak_tflops, world_size, total_steps
         self.tags = dict(tags or {})  # constant facts of the run in every train row (e.g. mamba_scan)
         self.path = out_dir / "metrics.jsonl"
         self.tb = self.bar = None
@@ -85,6 +85,10 @@ class MetricsLog:
         """Per micro-batch, this rank's share; scaled by world size at log time (ranks run the same shapes)."""
         self._tokens += tokens
         self._flops += flops
+
+    def should_log(self, step: int, every: int) -> bool:
+        """A train row every --logging_steps steps and at the last step (every rank asks: the row is a collective)."""
+        return step % every == 0 or step == self.total_steps
 
     def log_train(self, step: int, **values: Any) -> dict[str, Any]:
         if not self.enabled:

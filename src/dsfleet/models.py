@@ -6,9 +6,12 @@ Weights come from `from_pretrained(path)` (a local dir, or the hub when reachabl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from dsfleet.cli import fail
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,122 @@ def load_model(preset, model_name_or_path: str | None, from_scratch: bool, confi
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
     return model
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which architecture a run trains (a preset, or a model dir's config) — weights come from the spec."""
+    preset: Any  # presets.Preset: family + transformers config kwargs
+    family: str
+    name: str
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.family == "t5"
+
+    @property
+    def hidden_size(self) -> int:
+        for key in ("d_model", "n_embd", "hidden_size"):
+            if key in self.preset.config:
+                return int(self.preset.config[key])
+        return 1024
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's position embeddings take (None: relative positions, or a scan)."""
+        for key in ("n_positions", "max_position_embeddings"):
+            if self.preset.config.get(key):
+                return int(self.preset.config[key])
+        return None
+
+
+def resolve_source(spec) -> ModelSource:
+    """Which architecture (preset or a model dir's config) and where its weights come from — never silently.
+    Also sets the spec's task from the architecture when the spec names none."""
+    from dsfleet.presets import Preset, get_preset
+    preset = get_preset(spec.preset) if spec.preset else None
+    if spec.synthetic_data and not spec.from_scratch and not spec.model_name_or_path:
+        spec.from_scratch = True  # random tokens need no trained weights; said in the start line
+    if not spec.from_scratch and not spec.model_name_or_path:
+        fail(f"no weights given — pass --model_name_or_path DIR (a local dir or hub id) or --from_scratch for a "
+             f"random init of {preset.name if preset else 'the preset'}")
+    if preset is None:
+        if not spec.model_name_or_path:
+            fail("--from_scratch without an architecture — pass --preset NAME (e.g. t5_small) or --model_name_or_path "
+                 "DIR whose config.json gives it")
+        cfg = model_config(spec.model_name_or_path)
+        if cfg.model_type not in MODEL_FAMILIES:
+            fail(f"model type {cfg.model_type!r} is not supported — use a T5, GPT-2 or Mamba model")
+        preset = Preset(Path(spec.model_name_or_path).name or cfg.model_type, cfg.model_type, cfg.to_diff_dict())
+    source = ModelSource(preset, preset.family, preset.name)
+    if spec.task is None:
+        spec.task = "translation" if source.seq2seq else "causal_lm"
+    return source
+
+
+def check_weights(spec) -> None:
+    """A run about to train: the weights' dir must be readable now — they load after the run dir exists."""
+    if spec.model_name_or_path and spec.preset and not spec.from_scratch:
+        model_config(spec.model_name_or_path)
+
+
+def model_config(name_or_path: str):
+    """The transformers config of --model_name_or_path: a missing local dir, an unreadable config.json and an
+    unreachable hub id are each one line (bad input), said before anything is written."""
+    from transformers import AutoConfig
+    local = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1  # hub ids: NAME or ORG/NAME
+    if looks_local and not local.is_dir():
+        fail(f"--model_name_or_path {name_or_path}: no such directory — pass a local model dir (with config.json) or a "
+             "hub id such as t5-small")
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except Exception as e:
+        if local.is_dir():
+            fail(f"cannot read the model config in {name_or_path} ({type(e).__name__}: "
+                 f"{(str(e).strip().splitlines() or [''])[0][:120]}) — pass a dir with a transformers config.json")
+        fail(f"cannot load model {name_or_path!r} ({type(e).__name__}: no local dir with config.json "
+             "and the hub is unreachable?) — pass a local model dir, or --preset NAME --from_scratch")
+
+
+def build_for_run(spec, source: ModelSource, tokenizer, ds_config: dict, zero_stage: int, accel):
+    """The model a run trains: weights from the model dir, or a random init (--from_scratch) sized to the run's
+    tokenizer; under ZeRO-3 partitioned while it is built, so a model larger than one device never materialises."""
+    from dsfleet.fastpath import attn_implementation
+    attn = attn_implementation(spec, source.family)
+    overrides = {}
+    if tokenizer is not None and spec.from_scratch:
+        overrides = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+        if source.seq2seq:
+            overrides["decoder_start_token_id"] = tokenizer.pad_token_id
+        else:
+            overrides["bos_token_id"] = tokenizer.eos_token_id
+        if source.preset.cpu_sized or len(tokenizer) > source.preset.config.get("vocab_size", 0):
+            overrides["vocab_size"] = len(tokenizer)
+
+    def load():
+        return load_model(source.preset, spec.model_name_or_path, spec.from_scratch, overrides,
+                          spec.gradient_checkpointing, attn_implementation=attn)
+
+    keep_alive = None
+    if zero_stage == 3:
+        import deepspeed
+        import torch._dynamo  # noqa: F401 — imported inside zero.Init, its polyfills trip over the patched Tensor.__new__
+        family(source.family)  # import the model classes outside the patched context too
+        if spec.from_scratch:
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                return load()
+        from transformers.integrations import HfDeepSpeedConfig
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 — from_pretrained reads it while alive
+    on_cpu = accel.device_name() == "cpu"
+    device = None if on_cpu or not spec.from_scratch else torch.device(accel.current_device_name())
+    try:
+        if device is not None:
+            with device:
+                return load()
+        return load()
+    except (OSError, ValueError) as e:
+        fail(f"cannot load weights from {spec.model_name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}) "
+             "— pass a local model dir or --from_scratch")
+    finally:
+        del keep_alive

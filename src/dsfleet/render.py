@@ -14,8 +14,6 @@ docs/launching.md says how each backend launches, the env each sets and the pree
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import re
 import shlex
@@ -257,67 +255,97 @@ def _seconds(time: str) -> int:
 
 
 def resolve(launch: Launch) -> SimpleNamespace:
-    """Everything the templates read: the validated spec, the DeepSpeed config, the commands, the sizes."""
+    """Everything the templates read: the effective spec, the DeepSpeed config, the commands, the sizes — from the
+    one resolver (dsfleet.resolve), for the hardware the launch names."""
+    from dsfleet import dsconfig
+    from dsfleet.models import resolve_source
     from dsfleet.presets import get_preset
+    from dsfleet.resolve import CPU_PLANNING_GPU_MEM, Hardware
+    from dsfleet.resolve import resolve as resolve_run
+    from dsfleet.runtime import EXIT_PREEMPTED
     from dsfleet.spec import parse_args
-    from dsfleet.train import EXIT_PREEMPTED, build_ds_config, resolve_model_source
 
     check(launch)
     preset = get_preset(launch.preset)
-    flags = list(launch.train_flags)
-    spec = parse_args(["--preset", preset.name, *flags], prog="dsfleet render")
-    source = resolve_model_source(spec)
-    world = launch.nodes * launch.per_node
-    if spec.zero == "auto" and not spec.deepspeed:
-        flags = _plan_zero(spec, world, flags)
-    with contextlib.redirect_stdout(io.StringIO()):  # CPU/fp16 notes are for training runs, not for rendering
-        ds_config, stage = build_ds_config(spec, source, world, launch.cpu, _Accelerator(fp16=not launch.cpu))
+    spec = parse_args(["--preset", preset.name, *launch.train_flags], prog="dsfleet render")
+    source = resolve_source(spec)
+    hardware = Hardware(nodes=launch.nodes, gpus_per_node=launch.per_node,
+                        gpu_mem_bytes=spec.gpu_mem_bytes or CPU_PLANNING_GPU_MEM, cpu_mem_bytes=RENDER_HOST_MEM,
+                        cpu=launch.cpu, fp16=not launch.cpu)
+    run = resolve_run(spec, source, hardware)
+    flags = _effective_flags(list(launch.train_flags), spec, run.spec)
     words = ["--preset", preset.name, *flags]
-    k8s_words = _without(words, "--deepspeed") + ["--deepspeed", f"{CONFIG_MOUNT}/ds_config.json"]
+    # k8s pods read the DeepSpeed config from the ConfigMap: DeepSpeed's own decisions (stage, offload, buckets)
+    # live only there, the training values the flags carry are "auto" in it — one source for each value
+    k8s_words = ["--preset", preset.name, *_without_all(flags, DS_CONFIG_FLAGS),
+                 "--deepspeed", f"{CONFIG_MOUNT}/ds_config.json"]
     job_name = "dsfleet-" + launch.name.replace("_", "-")
-    per_rank_gib = 2 if launch.cpu else 32
     r = SimpleNamespace(
-        name=launch.name, preset=preset.name, nodes=launch.nodes, per_node=launch.per_node, world_size=world,
-        cpu=launch.cpu, zero_stage=stage, precision=spec.precision, job_name=job_name, time=launch.time,
+        name=launch.name, preset=preset.name, nodes=launch.nodes, per_node=launch.per_node,
+        world_size=hardware.world_size, cpu=launch.cpu, zero_stage=run.zero_stage, precision=run.spec.precision,
+        job_name=job_name, time=launch.time,
         signal_lead=launch.signal_lead, partition=launch.partition, image=launch.image, container=launch.container,
         cpus_per_task=launch.cpus_per_task or (1 if launch.cpu else 8), master_port=launch.master_port,
-        storage=launch.storage or ("1Gi" if launch.cpu else "500Gi"), memory=f"{per_rank_gib * launch.per_node}Gi",
+        storage=launch.storage or ("1Gi" if launch.cpu else "500Gi"), memory=f"{_pod_memory_gib(run, source)}Gi",
         shm="256Mi" if launch.cpu else "16Gi", backoff_limit=3 * launch.nodes,
         hosts=launch.hosts or tuple(f"node-{i}" for i in range(launch.nodes)),
         train_words=words, train_lines=_group(words), k8s_args=k8s_words,
-        k8s_output_dir=f"{RUNS_MOUNT}/{job_name}", ds_config_json=json.dumps(ds_config, indent=2),
+        k8s_output_dir=f"{RUNS_MOUNT}/{job_name}",
+        ds_config_json=json.dumps(dsconfig.with_spec_autos(run.ds_config), indent=2),
     )
     assert EXIT_PREEMPTED == 75, "templates/_supervise.j2 and the Job's podFailurePolicy say 75"
     return r
 
 
-def _plan_zero(spec, world: int, flags: list[str]) -> list[str]:
-    """`--zero auto` resolved at render time by the memory planner, deterministically (the spec's GPU memory or 80 GiB,
-    1 TiB of host memory), so the file says which stage it runs."""
-    try:
-        from dsfleet import planner
-    except ImportError:
-        fail("--zero auto needs the memory planner (dsfleet plan), which this install lacks — pass --zero 0-3")
-    choice = planner.choose_for_spec(spec, world, spec.gpu_mem_bytes or 80 * 2**30, 2**40)
-    if choice is None or not choice.fits:
-        fail(f"no ZeRO stage fits {spec.preset} on {world} GPUs — run `dsfleet plan` to see what would")
-    spec.zero = choice.zero_stage
-    flags = _without(flags, "--zero") + ["--zero", str(choice.zero_stage)]
-    for flag, value in (("--offload_optimizer", choice.offload_optimizer), ("--offload_param", choice.offload_param)):
-        if value != "none":
-            setattr(spec, flag[2:], value)
-            flags = _without(flags, flag) + [flag, value]
+RENDER_HOST_MEM = 2**40  # host memory a rendered job plans with when the site names none (offload fits)
+# flags whose values a DeepSpeed config holds: dropped from a command that is handed the config file
+DS_CONFIG_FLAGS = ("--zero", "--offload_optimizer", "--offload_param", "--nvme_path", "--reduce_bucket_size",
+                   "--allgather_bucket_size", "--stage3_prefetch_bucket_size", "--stage3_param_persistence_threshold",
+                   "--stage3_max_live_parameters", "--stage3_max_reuse_distance", "--overlap_comm", "--reduce_scatter",
+                   "--deepspeed")
+# what the resolver may decide for a spec (zero auto): carried into the rendered flags when it changed them
+RESOLVED_KEYS = ("zero", "offload_optimizer", "offload_param", "gradient_checkpointing")
+
+
+def _effective_flags(flags: list[str], asked, effective) -> list[str]:
+    """The train flags with what the resolver decided (a stage for `--zero auto`, the planner's offload and
+    activation checkpointing), so the file says what it runs."""
+    for key in RESOLVED_KEYS:
+        value = getattr(effective, key)
+        if value == getattr(asked, key):
+            continue
+        flags = _without(flags, f"--{key}")
+        flags += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     return flags
 
 
-class _Accelerator:
-    """Which precisions the target accelerator supports (build_ds_config asks); nothing is probed."""
+def _pod_memory_gib(run, source) -> int:
+    """A pod's memory limit: the planner's host bytes for offload plus, per rank, the process itself (CUDA
+    context, transformers, DeepSpeed: ~6 GiB measured on the H200 runs) and one 16-bit copy of the model while it
+    loads (none under ZeRO-3: partitioned at construction). CPU pods: 2 GiB a rank."""
+    per_node = run.hardware.gpus_per_node
+    if run.hardware.cpu:
+        return 2 * per_node
+    from dsfleet import models
+    try:
+        n_params = models.count_parameters(source.preset)
+    except Exception:  # a model dir whose config cannot be built on the meta device: the old fixed figure
+        return 32 * per_node
+    loading = 0 if run.zero_stage == 3 else 2 * n_params
+    offload = 0
+    if (run.spec.offload_optimizer, run.spec.offload_param) != ("none", "none"):
+        from dsfleet import resolve as resolver
+        pl = resolver.plan(run.spec, run.hardware)
+        same = [c for c in (pl.candidates if pl is not None else []) if (c.zero_stage, c.offload_optimizer,
+                c.offload_param) == (run.zero_stage, run.spec.offload_optimizer, run.spec.offload_param)]
+        offload = max((c.cpu_bytes_per_node for c in same), default=0)
+    return -(-(offload + per_node * (6 * 2**30 + loading)) // 2**30)
 
-    def __init__(self, fp16: bool):
-        self.fp16 = fp16
 
-    def is_fp16_supported(self) -> bool:
-        return self.fp16
+def _without_all(words: list[str], flags) -> list[str]:
+    for flag in flags:
+        words = _without(words, flag)
+    return words
 
 
 def _without(words: list[str], flag: str) -> list[str]:

@@ -1,0 +1,104 @@
+"""What a training process needs from its machine besides the model and the data: the accelerator (CPU ranks
+when there is no GPU), the seed, Python's garbage collector kept out of the step, the preemption flag the ranks
+agree on, and the exit codes the launchers act on."""
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import signal
+
+EXIT_PREEMPTED = 75  # a checkpoint was saved after SIGUSR1/SIGTERM; the Slurm script requeues on this code
+EXIT_SAVE_FAILED = 74  # a checkpoint could not be written (disk full, read-only); the previous one is intact
+
+
+def has_gpu() -> bool:
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        return False
+    import torch
+    return torch.cuda.is_available()
+
+
+def accelerator():
+    """DeepSpeed's accelerator for this process: the GPU when there is one, else CPU ranks (gloo)."""
+    if not has_gpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator()
+
+
+def start_process_group(accel, local_rank: int, memory_fraction: float | None) -> None:
+    """Bind this rank's device and join the process group (DeepSpeed's own init, no MPI discovery: dist_env did it)."""
+    import deepspeed
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+        if memory_fraction:
+            import torch
+            torch.cuda.set_per_process_memory_fraction(memory_fraction, local_rank)
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
+                               verbose=False)
+    from dsfleet import dist_env
+    dist_env.release_cpu_allreduce_segment()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def grad_norm(engine) -> float | None:
+    """The last step's global gradient norm before clipping (DeepSpeed keeps it; inf on a skipped step)."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+class StepBoundaryGC:
+    """Python's cyclic garbage collector at every `interval`-th step boundary instead of whenever allocation counts
+    trigger it: a collection over the millions of objects of a transformers + DeepSpeed process, landing in the
+    middle of backward, leaves the GPU waiting (GPT-2 XL on one H200: every few steps ~10 % slower). Objects alive
+    at the start of the loop are frozen out of collections. interval 0 leaves Python's collector as it is.
+    stop() (also run at exit, whichever way the run ends) hands everything back to Python's collector, so the
+    interpreter's own shutdown collection still frees the frozen objects (process groups, their threads)."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        if interval:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+            atexit.register(self.stop)
+
+    def stop(self) -> None:
+        if self.interval:
+            gc.unfreeze()
+            gc.enable()
+
+    def maybe_collect(self, step: int) -> None:
+        if self.interval and step % self.interval == 0:
+            gc.collect()
+
+
+class PreemptionFlag:
+    """SIGUSR1/SIGTERM set a flag; ranks agree on it at step boundaries (one tiny all-reduce) and save together."""
+
+    def __init__(self):
+        self.signal_name = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device) -> bool:
+        import torch
+        import torch.distributed as dist
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.signal_name:
+            self.signal_name = "a peer's signal"
+        return bool(flag.item())
