@@ -61,6 +61,7 @@ def _json(obj) -> str:
 
 TINY = ("--preset", "t5_tiny", "--from_scratch", "--dataset_name", "embedded", "--max_steps", "2")
 TINY_DATA = ("--preset", "t5_tiny", "--from_scratch", "--max_steps", "2")  # + a --train_file
+GPT_DATA = ("--preset", "gpt2_tiny", "--from_scratch", "--max_steps", "2")  # + a --train_file
 PAIR = _json({"translation": {"en": "hello", "ro": "salut"}})
 HOSTS = ("preflight", "--hostfile", "hosts", "--output-dir", OUT)
 
@@ -193,6 +194,26 @@ CASES = [
          "--zero 5"),
     Case("bench-variant-no-name", "bench", ("bench", "--suite", "cpu_smoke", "--out", OUT, "--variant", "--fused_loss false"),
          "is not NAME=FLAGS"),
+    # ---- data holes and sizes the model or the data cannot fill (issue 16) ------------------------------------
+    Case("csv-empty-text-cell", "dataset", ("train", *GPT_DATA, "--train_file", "train.csv"),
+         "--train_file train.csv row 2: the 'text' cell is empty", files={"train.csv": "text,label\nhello there,1\n,2\n"}),
+    Case("translation-empty-side", "dataset", ("train", *TINY_DATA, "--train_file", "train.jsonl"),
+         "row 2: the 'ro' side of the translation is empty",
+         files={"train.jsonl": PAIR + _json({"translation": {"en": "hello", "ro": ""}})}),
+    Case("translation-null-side", "dataset", ("train", *TINY_DATA, "--train_file", "train.jsonl"),
+         "row 1: the 'en' side of the translation is empty",
+         files={"train.jsonl": _json({"translation": {"en": None, "ro": "salut"}}) + PAIR}),
+    Case("block-size-over-data", "dataset", ("train", *GPT_DATA, "--train_file", "train.txt", "--block_size", "200"),
+         "shorter than one block of --block_size 200", files={"train.txt": "hello there\nanother short line\n"}),
+    Case("block-size-over-positions-preset", "preset/model", ("train", *GPT_DATA, "--train_file", "train.txt",
+                                                               "--block_size", "1024"),
+         "--block_size 1024 is longer than the model's 256 positions", files={"train.txt": "hello there\n"}),
+    Case("block-size-over-positions-model-dir", "preset/model",
+         ("train", "--model_name_or_path", "small-gpt2", "--from_scratch", "--max_steps", "2", "--train_file", "train.txt"),
+         "--block_size 1024 is longer than the model's 256 positions",
+         files={"small-gpt2/config.json": _json({"model_type": "gpt2", "n_positions": 256, "n_embd": 32, "n_layer": 1,
+                                                 "n_head": 2, "vocab_size": 300}),
+                "train.txt": "hello there\n"}),
 ]
 
 

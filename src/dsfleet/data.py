@@ -37,6 +37,7 @@ def load_checked(spec, world_size: int):
     if "train" not in raw and spec.do_train:
         fail("the dataset has no 'train' split — pass --train_file or a dataset with a train split")
     check_columns(spec, raw)
+    check_cells(spec, raw)
     check_train_size(spec, raw, world_size)
     return raw
 
@@ -203,14 +204,18 @@ def _file_of(spec, split: str) -> str:
     return f"--{split}_file {path}" if path else f"{split} split of {spec.dataset_name}"
 
 
-def check_blocks(spec, splits, max_positions: int | None) -> None:
-    """A causal-LM block size the model cannot take, or one the data cannot fill once, is said before anything is
-    written (not an IndexError in the first forward, nor an empty batch order)."""
-    if spec.task == "translation":
-        return
-    if max_positions and spec.block_size > max_positions:
+def check_block_size(spec, max_positions: int | None) -> None:
+    """A causal-LM block size longer than the model's position embeddings: one line now, not an IndexError in the
+    first forward."""
+    if spec.task != "translation" and max_positions and spec.block_size > max_positions:
         fail(f"--block_size {spec.block_size} is longer than the model's {max_positions} positions — pass "
              f"--block_size {max_positions} or less")
+
+
+def check_blocks(spec, splits) -> None:
+    """A block size the data cannot fill once: one line before anything is written (not an empty batch order)."""
+    if spec.task == "translation":
+        return
     for split, ds in splits.items():
         if len(ds) == 0:
             flag = f"--{split}_file" if split != "train" or spec.train_file else "the train split"
@@ -273,10 +278,10 @@ def prepare(spec, source, raw, out: Path, rank: int):
         n = spec.max_train_samples or 100_000
         return None, {"train": SyntheticTokens(n, vocab, seq2seq, src, spec.max_target_length, spec.seed),
                       "validation": SyntheticTokens(64, vocab, seq2seq, src, spec.max_target_length, spec.seed + 1)}
-    check_cells(spec, raw)
+    check_block_size(spec, source.max_positions)
     tokenizer = run_tokenizer(spec, source, raw, out, rank)
     splits = tokenize(spec, raw, tokenizer)
-    check_blocks(spec, splits, source.max_positions)
+    check_blocks(spec, splits)
     return tokenizer, splits
 
 

@@ -15,7 +15,14 @@ import torch
 
 
 class FlopCounter:
-    """Training FLOPs of one batch (forward + backward = 3 x forward)."""
+    """Training FLOPs of one batch, forward + backward = 3 x forward: 6 x parameters x tokens (the usual 6N,
+    embeddings included) plus what 6N leaves out — attention scores (GPT-2: QK^T and AV over the sequence; T5:
+    encoder self-, decoder self- and cross-attention; the cross-attention's keys and values run over the source)
+    and Mamba's selective scan (9 FLOPs per token, channel and
+    state in forward: discretize 3, state update 4, output 2). tests/test_flops.py checks every term against
+    torch's FlopCounterMode on the tiny presets."""
+
+    SCAN_FLOPS = 9  # per token x d_inner x d_state, forward
 
     def __init__(self, model, family: str):
         self.family = family
@@ -24,18 +31,27 @@ class FlopCounter:
         ds_numel = [getattr(p, "ds_numel", p.numel()) for p in params.values()]  # ZeRO-3 partitions params
         total = max(total, sum(ds_numel))
         self.n_params = total
-        if family == "t5":
-            enc = sum(getattr(p, "ds_numel", p.numel()) for n, p in params.items() if n.startswith("encoder."))
-            self.n_enc, self.n_dec = enc, total - enc
         cfg = model.config
+        if family == "t5":
+            # the decoder's cross-attention keys and values project the encoder's output: source tokens
+            enc = sum(getattr(p, "ds_numel", p.numel()) for n, p in params.items()
+                      if n.startswith("encoder.") or ".EncDecAttention.k." in n or ".EncDecAttention.v." in n)
+            self.n_enc, self.n_dec = enc, total - enc
+            self.inner = cfg.num_heads * cfg.d_kv
+            self.layers_enc, self.layers_dec = cfg.num_layers, cfg.num_decoder_layers
         self.attn = 12 * getattr(cfg, "n_layer", 0) * getattr(cfg, "n_embd", 0) if family == "gpt2" else 0
+        self.scan = (3 * self.SCAN_FLOPS * cfg.num_hidden_layers * cfg.intermediate_size * cfg.state_size
+                     if family == "mamba" else 0)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> float:
         ids = batch["input_ids"]
         if self.family == "t5":
-            return 6.0 * (self.n_enc * ids.numel() + self.n_dec * batch["labels"].numel())
+            labels = batch["labels"]
+            rows, src, tgt = ids.shape[0], ids.shape[-1], labels.shape[-1]
+            scores = 12.0 * rows * self.inner * (self.layers_enc * src * src + self.layers_dec * (tgt * tgt + tgt * src))
+            return 6.0 * (self.n_enc * ids.numel() + self.n_dec * labels.numel()) + scores
         seq = ids.shape[-1]
-        return (6.0 * self.n_params + self.attn * seq) * ids.numel()
+        return (6.0 * self.n_params + self.attn * seq + self.scan) * ids.numel()
 
 
 def batch_tokens(batch: dict[str, torch.Tensor], seq2seq: bool) -> int:
