@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Predicted vs measured peak GPU memory, on the GPU box, through dsfleet's real entry point.
 
-Why this exists: the planner (dsfleet/planner.py) is only worth what its numbers predict on a real GPU. This
+Why this exists: the planner (dsfleet/planner/) is only worth what its numbers predict on a real GPU. This
 script runs `python -m dsfleet.train` once per config (sequentially, one process each, a few steps, synthetic
 tokens, models initialised from config on the GPU), reads the peak it logs (metrics.jsonl `peak_mem_bytes`, from
 torch.cuda.max_memory_allocated, which is what the planner's `peak` predicts), and writes a markdown table and

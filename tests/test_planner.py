@@ -22,6 +22,7 @@ import torch
 
 from dsfleet import planner as P
 from dsfleet.cli import UsageError, main as cli_main
+from dsfleet.resolve import Hardware
 
 GiB = 2**30
 
@@ -401,9 +402,9 @@ def test_choose_for_spec_reads_a_runspec_like_object():
         max_source_length = max_target_length = 128
         block_size = 1024
         gradient_checkpointing = False
-    choice = P.choose_for_spec(Spec(), world_size=1, gpu_mem_bytes=80 * GiB, cpu_mem_bytes=512 * GiB)
+    choice = P.choose_for_spec(Spec(), Hardware(1, 1, 80 * GiB, 512 * GiB))
     assert choice.fits and choice.zero_stage in (1, 2) and choice.micro_batch == 8 and choice.precision == "bf16"
-    small = P.choose_for_spec(Spec(), world_size=1, gpu_mem_bytes=24 * GiB, cpu_mem_bytes=512 * GiB)
+    small = P.choose_for_spec(Spec(), Hardware(1, 1, 24 * GiB, 512 * GiB))
     assert small.fits and small.offload != "none"
 
 
@@ -412,13 +413,42 @@ def test_choose_for_spec_with_a_runspec_and_a_model_dir(tmp_path):
     from dsfleet.presets import get_preset
     from dsfleet.spec import parse_args
     spec = parse_args(["--preset", "gpt2_xl", "--bf16", "--zero", "auto", "--per_device_train_batch_size", "64"])
-    choice = P.choose_for_spec(spec, world_size=8, gpu_mem_bytes=40 * GiB, cpu_mem_bytes=512 * GiB)
+    choice = P.choose_for_spec(spec, Hardware(1, 8, 40 * GiB, 512 * GiB))
     assert choice.fits and choice.micro_batch == 64 and choice.gradient_checkpointing  # 64 x 1024 tokens need it
     build_config(get_preset("gpt2_medium")).save_pretrained(tmp_path / "my-gpt2")
     spec = parse_args(["--model_name_or_path", str(tmp_path / "my-gpt2"), "--bf16", "--zero", "auto"])
     shape = P.shape_for_spec(spec)
     assert shape.family == "gpt2" and shape.n_params == P.model_shape("gpt2_medium").n_params
-    assert P.choose_for_spec(spec, world_size=1, gpu_mem_bytes=24 * GiB, cpu_mem_bytes=64 * GiB).fits
+    assert P.choose_for_spec(spec, Hardware(1, 1, 24 * GiB, 64 * GiB)).fits
+
+
+def test_two_nodes_of_8_gpus_are_planned_as_two_nodes_not_one_of_16(monkeypatch):
+    """The topology is the Hardware's, not the environment's: a 2 x 8 job rendered where no launcher set
+    LOCAL_WORLD_SIZE was planned as one node of 16 GPUs (host memory per node for 16 ranks, NVLink bandwidth)."""
+    from dsfleet.spec import parse_args
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    spec = parse_args(["--preset", "t5_3b", "--bf16", "--zero", "auto", "--per_device_train_batch_size", "8"])
+    pl = P.plan_for_spec(spec, Hardware(2, 8, 24 * GiB, 256 * GiB))
+    assert (pl.nodes, pl.gpus_per_node, pl.total_gpus) == (2, 8, 16)
+    one_node = P.plan_for_spec(spec, Hardware(1, 16, 24 * GiB, 256 * GiB))
+    assert (one_node.nodes, one_node.gpus_per_node) == (1, 16)
+    both = list(zip(pl.candidates, one_node.candidates))
+    # the inter-node link is slower: every collective costs more across two nodes
+    assert all(a.cost_terms["communication"] > b.cost_terms["communication"] for a, b in both)
+    # host memory per node (DeepSpeed's estimators, x1.5): ZeRO-3 optimizer offload keeps 16 B/param over the
+    # nodes, so each of 2 nodes holds half; without offload each of a node's 8 ranks (not 16) builds its largest layer
+    shape = P.model_shape("t5_3b")
+    offload = [(a, b) for a, b in both if (a.zero_stage, a.offload) == (3, "optimizer->cpu")]
+    assert offload and all(a.cpu_bytes_per_node == int(shape.n_params * 16 / 2 * 1.5) for a, _ in offload)
+    assert all(b.cpu_bytes_per_node == int(shape.n_params * 16 * 1.5) for _, b in offload)
+    zero3 = [(a, b) for a, b in both if (a.zero_stage, a.offload) == (3, "none")]
+    assert zero3 and all(a.cpu_bytes_per_node == int(shape.largest_layer * 4 * 8 * 1.5) for a, _ in zero3)
+    assert all(2 * a.cpu_bytes_per_node == b.cpu_bytes_per_node for a, b in zero3)
+    # the environment no longer decides: a LOCAL_WORLD_SIZE of this process changes nothing
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert P.plan_for_spec(spec, Hardware(2, 8, 24 * GiB, 256 * GiB)).to_json() == pl.to_json()
+    with pytest.raises(TypeError, match="Hardware"):
+        P.plan_for_spec(spec, 16)
 
 
 def test_format_plan_is_a_table_with_the_reason():

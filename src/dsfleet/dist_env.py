@@ -3,13 +3,16 @@
 The same `python -m dsfleet.train` runs under the deepspeed launcher and torchrun (they export RANK etc.),
 a Kubernetes Indexed Job (torchrun-style env rendered from JOB_COMPLETION_INDEX), `srun` (SLURM_* of the
 step), `mpirun` (OpenMPI's OMPI_COMM_WORLD_* and MPICH's PMI_*; the master address comes from rank 0 via
-mpi4py) and a plain single process. `discover()` is pure over an env mapping so each mapping is testable.
+mpi4py) and a plain single process. `discover()` reads only the env mapping it is given, so each mapping is
+testable (under srun the master is the first host of the step's nodelist, expanded by Slurm's own scontrol where
+it runs, else by python-hostlist: the same hosts either way).
 """
 from __future__ import annotations
 
 import os
-import re
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -32,15 +35,51 @@ class DistEnv:
                 "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
 
 
-def first_host(nodelist: str) -> str:
-    """First host of a Slurm nodelist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
-    m = re.match(r"([^,\[]*)(?:\[([^\]]+)\])?([^,]*)", nodelist.strip())
-    if not m or not m.group(0):
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Every host of a Slurm hostlist expression, in Slurm's order: 'n[1-2]-ib[3-4],gpu[001-002]' -> n1-ib3,
+    n1-ib4, n2-ib3, n2-ib4, gpu001, gpu002. Slurm's own `scontrol show hostnames` where Slurm is installed and
+    configured (as a node that runs Slurm steps is); python-hostlist elsewhere, and for the forms this Slurm's
+    scontrol rejects (a suffix after the last bracket: 'rack1-n[9-10]-ib'). Bad input -> one line, exit 2."""
+    hosts = scontrol_hostnames(nodelist)
+    if hosts is None:
+        hosts = python_hostlist_hostnames(nodelist)
+    if not hosts:
         fail(f"cannot read a host from SLURM_JOB_NODELIST={nodelist!r} — set MASTER_ADDR explicitly")
-    prefix, ranges, suffix = m.groups()
-    if not ranges:
-        return prefix + suffix
-    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+    return hosts
+
+
+def scontrol_hostnames(nodelist: str, environ: Mapping[str, str] | None = None) -> list[str] | None:
+    """`scontrol show hostnames NODELIST`; None where scontrol is missing, cannot read a slurm.conf (it needs one,
+    not a running slurmctld) or rejects the expression (it says so on stderr and still exits 0; an unclosed
+    bracket it passes through as a 'host' with a bracket in it)."""
+    exe = shutil.which("scontrol")
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run([exe, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20,
+                              env=None if environ is None else dict(environ))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    hosts = done.stdout.split()
+    if done.returncode != 0 or "invalid" in done.stderr.lower() or not hosts or any(
+            c in host for host in hosts for c in "[],"):
+        return None
+    return hosts
+
+
+def python_hostlist_hostnames(nodelist: str) -> list[str]:
+    """The same expansion without Slurm, by python-hostlist (a dsfleet dependency)."""
+    import hostlist
+
+    try:
+        return hostlist.expand_hostlist(nodelist.strip())
+    except hostlist.BadHostlist as e:
+        fail(f"cannot read a host from SLURM_JOB_NODELIST={nodelist!r} ({e}) — set MASTER_ADDR explicitly")
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist: 'gpu[003-005,9],cpu1' -> 'gpu003', 'n[1-2]-ib[3-4]' -> 'n1-ib3'."""
+    return expand_nodelist(nodelist)[0]
 
 
 def _int(env: Mapping[str, str], key: str) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 from dsfleet.cli import fail
 
 SHIPPED = ("zero2", "zero3")  # `--deepspeed zero2` names a tuned file shipped in dsfleet/configs/
+STAGE3_MAX_REUSE_DISTANCE = 10**9  # when the spec names none; the planner counts what it keeps gathered
 
 
 def shipped_config_path(name: str) -> Path:
@@ -81,7 +82,7 @@ def generate(spec, *, world_size: int, hidden_size: int, zero_stage: int, on_cpu
             stage3_prefetch_bucket_size=spec.stage3_prefetch_bucket_size or int(0.9 * h2),
             stage3_param_persistence_threshold=spec.stage3_param_persistence_threshold or 10 * hidden_size,
             stage3_max_live_parameters=spec.stage3_max_live_parameters or 10**9,
-            stage3_max_reuse_distance=spec.stage3_max_reuse_distance or 10**9,
+            stage3_max_reuse_distance=spec.stage3_max_reuse_distance or STAGE3_MAX_REUSE_DISTANCE,
             stage3_gather_16bit_weights_on_model_save=True,
         )
     if spec.offload_optimizer != "none":

@@ -35,12 +35,29 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 CHUNK_BYTES = 512 * 2**20  # fp32 logits alive at once in the fused loss
 FUSED_LOSS_FAMILIES = ("gpt2", "t5")
+VOCAB_MULTIPLE = 64  # the fused loss pads the vocabulary to a multiple of this, inside the op
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The loss: linear layer + cross-entropy in row chunks.
 
-def _chunk_rows(vocab: int) -> int:
+def fused_loss_skip_reason(family: str, zero_stage: int) -> str | None:
+    """Why `fused_loss` is not used for this model family at this ZeRO stage; None when it is. The one rule that
+    `apply` follows and the memory planner counts activations by."""
+    if family not in FUSED_LOSS_FAMILIES:
+        return f"{family} has no output-embedding loss to fuse"
+    if zero_stage == 3:
+        return "ZeRO-3 partitions the output embedding"
+    return None
+
+
+def padded_vocab(vocab: int) -> int:
+    """The vocabulary the fused loss computes over: `vocab` rounded up to a multiple of VOCAB_MULTIPLE."""
+    return vocab + (-vocab) % VOCAB_MULTIPLE
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows of one chunk of the fused loss over a (padded) vocabulary: fp32 logits of at most CHUNK_BYTES."""
     rows = max(CHUNK_BYTES // (4 * vocab), 16)
     return 1 << (rows.bit_length() - 1)  # a power of two: whole chunks for the usual batch x length products
 
@@ -51,7 +68,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _padded(weight: torch.Tensor) -> torch.Tensor:
-    pad = (-weight.shape[0]) % 64
+    pad = padded_vocab(weight.shape[0]) - weight.shape[0]
     return F.pad(weight, (0, 0, 0, pad)) if pad else weight
 
 
@@ -96,7 +113,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets):
         vocab = weight.shape[0]
         w = _padded(weight)
-        rows = _chunk_rows(w.shape[0])
+        rows = chunk_rows(w.shape[0])
         count = (targets != IGNORE_INDEX).sum()
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(w.shape, dtype=_acc(w.dtype), device=w.device)
@@ -126,7 +143,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets)
     w = _padded(weight)
-    rows = _chunk_rows(w.shape[0])
+    rows = chunk_rows(w.shape[0])
     total = torch.zeros((), dtype=_acc(hidden.dtype), device=hidden.device)
     for start in range(0, hidden.shape[0], rows):
         total += _chunk_loss(hidden[start:start + rows], w, targets[start:start + rows], weight.shape[0], False)[0]
@@ -286,10 +303,9 @@ def apply(model, spec, family: str, zero_stage: int) -> FastPath:
     if spec.fused_activation and fuse_activations(model):
         fast.parts.append("fused GELU")
     if spec.fused_loss:
-        if family not in FUSED_LOSS_FAMILIES:
-            fast.skipped.append(f"fused loss ({family} has no output-embedding loss to fuse)")
-        elif zero_stage == 3:
-            fast.skipped.append("fused loss (ZeRO-3 partitions the output embedding)")
+        skip = fused_loss_skip_reason(family, zero_stage)
+        if skip:
+            fast.skipped.append(f"fused loss ({skip})")
         else:
             install_fused_loss(model, family)
             fast.parts.append("fused chunked cross-entropy")

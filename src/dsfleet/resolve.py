@@ -119,8 +119,9 @@ def _device(block) -> str:
 def plan(spec, hardware: Hardware):
     """The planner's view of exactly this spec on this hardware (None when its model cannot be read)."""
     from dsfleet import planner
-    return planner.plan_for_spec(spec, hardware.world_size, spec.gpu_mem_bytes or hardware.gpu_mem_bytes,
-                                 hardware.cpu_mem_bytes)
+    import dataclasses
+    return planner.plan_for_spec(spec, dataclasses.replace(hardware, gpu_mem_bytes=spec.gpu_mem_bytes or
+                                                           hardware.gpu_mem_bytes))
 
 
 def _planner_choice(spec, hardware: Hardware):
