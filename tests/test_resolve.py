@@ -70,3 +70,14 @@ def test_no_component_imports_an_entry_point():
                 offenders.append(f"{module} imports {sorted(hit)}")
     assert not offenders, offenders
     assert Path(REPO / "src" / "dsfleet" / "resolve.py").is_file()
+
+
+def test_a_2x8_render_is_planned_as_2_nodes_of_8():
+    """Host memory per node comes from the ranks of one node: 2 x 8 pods ask for half of what one 16-GPU pod does
+    (before, render planned every world as one node: LOCAL_WORLD_SIZE is absent at render time)."""
+    flags = ("--from_scratch", "--bf16", "--zero", "3", "--offload_optimizer", "cpu")
+    two = render.resolve(render.Launch("t5_11b", "t5_11b", nodes=2, per_node=8, train_flags=flags))
+    one = render.resolve(render.Launch("t5_11b", "t5_11b", nodes=1, per_node=16, train_flags=flags))
+    gib = lambda r: int(r.memory.removesuffix("Gi"))  # noqa: E731
+    assert two.world_size == one.world_size == 16
+    assert 0.4 < gib(two) / gib(one) < 0.6, (two.memory, one.memory)
