@@ -214,6 +214,17 @@ CASES = [
          files={"small-gpt2/config.json": _json({"model_type": "gpt2", "n_positions": 256, "n_embd": 32, "n_layer": 1,
                                                  "n_head": 2, "vocab_size": 300}),
                 "train.txt": "hello there\n"}),
+    # ---- DeepSpeed config optimizer / scheduler blocks (HF-docs configs; dsconfig.check_*_block) ----------------
+    Case("ds-config-unknown-optimizer", "ds_config", ("train", *TINY, "--deepspeed", "ds.json"),
+         "optimizer.type 'AdamW8bit' is not an optimizer DeepSpeed can build",
+         files={"ds.json": _json({"optimizer": {"type": "AdamW8bit", "params": {"lr": "auto"}}})}),
+    Case("ds-config-unknown-scheduler", "ds_config", ("train", *TINY, "--deepspeed", "ds.json"),
+         "scheduler.type 'CosineWithRestarts' is not a scheduler DeepSpeed knows",
+         files={"ds.json": _json({"scheduler": {"type": "CosineWithRestarts", "params": {"warmup_num_steps": "auto"}}})}),
+    Case("ds-config-scheduler-param", "ds_config", ("train", *TINY, "--deepspeed", "ds.json"),
+         "scheduler WarmupCosineLR has no parameter warmup_max_lr",
+         files={"ds.json": _json({"scheduler": {"type": "WarmupCosineLR", "params": {
+             "total_num_steps": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}}})}),
 ]
 
 

@@ -99,8 +99,6 @@ def resolve(spec, source, hardware: Hardware, total_steps: int | None = None) ->
                                             accelerator_fp16=hardware.fp16)
     if precision_note:
         notes.append(precision_note)
-    if hardware.cpu and "optimizer" in config and not config["zero_optimization"].get("offload_optimizer"):
-        config["optimizer"].setdefault("params", {})["torch_adam"] = True  # no fused-Adam JIT build on CPU ranks
     _set(spec, fp16=bool(config.get("fp16", {}).get("enabled")), bf16=bool(config.get("bf16", {}).get("enabled")))
     return Resolved(spec, config, stage, hardware, notes)
 
