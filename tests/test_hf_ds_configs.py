@@ -46,7 +46,7 @@ def spec_of(*extra: str):
 
 def ours(user: dict, spec, *, world: int = WORLD, on_cpu: bool = False) -> dict:
     cfg = dsconfig.fill_auto(user, spec, world_size=world, hidden_size=HIDDEN, total_steps=TOTAL)
-    return dsconfig.check(cfg, world_size=world, on_cpu=on_cpu, accelerator_fp16=True)
+    return dsconfig.check(cfg, world_size=world, on_cpu=on_cpu, accelerator_fp16=True)[0]
 
 
 def hf_trainer_fill(user: dict, spec, *, world: int = WORLD) -> dict:
