@@ -186,7 +186,7 @@ class RunSpec(BaseModel):
 
 
 # Flags accepted on the command line: every RunSpec field as --name, plus the names other programs give a few
-# fields (each documented in that field's description, hence in --help and docs/flags.md).
+# fields (each said in that field's help line by flag_help, hence in --help and docs/flags.md).
 ALIASES = {  # alias flag -> (the field it sets, whose name it is)
     "dataset_config": ("dataset_config_name", "HF run_translation.py's name"),
     "deepspeed_config": ("deepspeed", "DeepSpeed's add_config_arguments name, seeds 002 and 004"),
