@@ -225,6 +225,20 @@ CASES = [
          "scheduler WarmupCosineLR has no parameter warmup_max_lr",
          files={"ds.json": _json({"scheduler": {"type": "WarmupCosineLR", "params": {
              "total_num_steps": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}}})}),
+    # ---- the seeds' command shapes: --num_gpus, --deepspeed [--deepspeed_config FILE], --load_checkpoint, presets -
+    Case("num-gpus-0", "cli", ("train", *TINY, "--num_gpus", "0", "--dry_run"), "--num_gpus 0: must be > 0"),
+    Case("num-gpus-not-a-number", "cli", ("train", *TINY, "--num_gpus", "four"), "--num_gpus: invalid int value: 'four'"),
+    Case("num-gpus-not-launched", "cli", ("train", *TINY, "--num_gpus", "4"), "--num_gpus 4 but 1 rank(s) were launched"),
+    Case("deepspeed-config-missing", "ds_config", ("train", *TINY, "--deepspeed", "--deepspeed_config", "missing.json"),
+         "DeepSpeed config missing.json not found"),
+    Case("deepspeed-config-no-file", "ds_config", ("train", *TINY, "--deepspeed_config"),
+         "argument --deepspeed_config: expected one argument"),
+    Case("deepspeed-and-deepspeed-config-differ", "ds_config", ("train", *TINY, "--deepspeed", "a.json",
+                                                                "--deepspeed_config", "b.json"),
+         "--deepspeed a.json and --deepspeed_config b.json disagree", files={"a.json": "{}\n", "b.json": "{}\n"}),
+    Case("load-checkpoint-missing", "cli", ("train", *TINY, "--load_checkpoint", "nowhere"), "checkpoint nowhere not found"),
+    Case("unknown-size-first-preset", "preset/model", ("train", "--preset", "13b_mamba", "--num_gpus", "4", "--dry_run"),
+         "unknown preset '13b_mamba'"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""`dsfleet` console script: one subcommand per module, imported only when used (fast --help, no torch import)."""
+"""`dsfleet` console script (also `python -m dsfleet`): one subcommand per module, imported only when used (fast
+--help, no torch import)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ COMMANDS = {
     "render": ("dsfleet.render", "render hostfiles, Slurm scripts and Kubernetes jobs from a run spec"),
     "preflight": ("dsfleet.preflight", "check every host of a hostfile before a job burns cluster hours"),
     "bench": ("dsfleet.bench", "throughput benchmark: dsfleet vs HF Trainer + DeepSpeed on the same config"),
-    "train": ("dsfleet.train", "the training entry point (same as python -m dsfleet.train)"),
+    "train": ("dsfleet.train", "the training entry point (same as python -m dsfleet.train; --help lists its flags)"),
 }
 
 
@@ -33,8 +34,18 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def main(argv: list[str] | None = None) -> int:
+def version() -> str:
+    """dsfleet's version: the package's own `__version__` (pyproject.toml's version says the same; a test checks)."""
+    from dsfleet import __version__
+    return __version__
+
+
+def main(argv: list[str] | None = None, prog: str = "dsfleet") -> int:
+    """`prog` is how the user called it (`dsfleet`, `python -m dsfleet`): usage lines and --help say that."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"dsfleet {version()}")
+        return 0
     if not argv or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items()]
@@ -42,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"dsfleet: unknown command {argv[0]!r} — use one of: {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
-        print("usage: dsfleet COMMAND [options]\n\n" + (__doc__ or "") + "\n\ncommands:\n" + "\n".join(lines), file=out)
+        print(f"usage: {prog} COMMAND [options]  |  {prog} --version\n\n" + (__doc__ or "")
+              + "\n\ncommands:\n" + "\n".join(lines), file=out)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
     if name == "train":  # the trainer owns its whole argument list (run_translation.py flags)
-        return int(module.main(rest) or 0)
-    parser = OneLineParser(prog=f"dsfleet {name}", description=COMMANDS[name][1])
+        return int(module.main(rest, prog=f"{prog} train") or 0)
+    parser = OneLineParser(prog=f"{prog} {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:

@@ -106,7 +106,7 @@ def resolve_source(spec) -> ModelSource:
     preset = get_preset(spec.preset) if spec.preset else None
     if spec.synthetic_data and not spec.from_scratch and not spec.model_name_or_path:
         spec.from_scratch = True  # random tokens need no trained weights; said in the start line
-    if not spec.from_scratch and not spec.model_name_or_path:
+    if not spec.from_scratch and not spec.model_name_or_path and not spec.dry_run:  # a dry run loads no weights
         fail(f"no weights given — pass --model_name_or_path DIR (a local dir or hub id) or --from_scratch for a "
              f"random init of {preset.name if preset else 'the preset'}")
     if preset is None:

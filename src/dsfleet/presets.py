@@ -78,13 +78,21 @@ _TINY = [
            None, {"task": "causal_lm", "block_size": 64, "learning_rate": 3e-3}, cpu_sized=True),
 ]
 
+
+def _key(name: str) -> str:
+    """Preset names compare without case, '-' and '_'."""
+    return name.replace("-", "").replace("_", "").lower()
+
+
 PRESETS: dict[str, Preset] = {p.name: p for p in _ALL + _TINY}
+# Seed 004's train_deepspeed.py names its Mamba sizes size-first (`--preset 7b_mamba`); its commands run unchanged.
+SEED_NAMES = {"7b_mamba": "mamba_7b", "3b_mamba": "mamba_3b", "1b_mamba": "mamba_1b"}
 # "mamba7b", "t5-3b", "gpt2_xl" all name a preset: file names in slurm/ and k8s/ drop the underscore.
-_ALIASES = {n.replace("_", ""): n for n in PRESETS}
+_ALIASES = {_key(n): n for n in PRESETS} | {_key(a): n for a, n in SEED_NAMES.items()}
 
 
 def get_preset(name: str) -> Preset:
-    key = _ALIASES.get(name.replace("-", "").replace("_", "").lower())
+    key = _ALIASES.get(_key(name))
     if key is None:
         from dsfleet.cli import fail
         fail(f"unknown preset {name!r} — use one of: {', '.join(PRESETS)}")

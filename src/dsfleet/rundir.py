@@ -14,9 +14,12 @@ ARTIFACTS = ("checkpoints", "metrics.jsonl", "tb", "final", "plot.png", "tokeniz
              "generated_predictions.txt")
 
 
-def checked(spec) -> Path:
-    """The output dir of the spec, or one line saying why it cannot be used. Writes nothing."""
+def checked(spec) -> Path | None:
+    """The output dir of the spec, or one line saying why it cannot be used (None: a dry run, which writes
+    nothing, given none). Writes nothing."""
     if not spec.output_dir:
+        if spec.dry_run:
+            return None
         fail("--output_dir is required — pass a directory for metrics and checkpoints")
     out = Path(spec.output_dir)
     if out.exists() and not out.is_dir():

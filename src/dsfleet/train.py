@@ -30,16 +30,17 @@ def train(spec) -> int:
     # ---- 1. what to train, where, with what: every check before the first byte is written ---------------
     from dsfleet import checkpoint, data, dist_env, models, rundir, runtime, schedule
     from dsfleet.resolve import Hardware, describe, resolve
+    denv = dist_env.setup()
+    world = spec.planned_world_size(denv.world_size)  # --num_gpus N: a dry run / memory check plans for N ranks
     source = models.resolve_source(spec)
     models.check_weights(spec)
     if not (spec.do_train or spec.do_eval or spec.do_predict):
         spec.do_train = True
     out = rundir.checked(spec)
-    denv = dist_env.setup()
     accel = runtime.accelerator()
     is_main = denv.rank == 0
     if spec.dry_run:
-        hardware = Hardware.live(denv.world_size, accel, spec.gpu_mem_bytes)
+        hardware = Hardware.live(world, accel, spec.gpu_mem_bytes)
         print(describe(resolve(spec, source, hardware), source)) if is_main else None
         return 0
     runtime.start_process_group(accel, denv.local_rank, spec.gpu_memory_fraction)
