@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dsfleet import trackers
 from dsfleet.cli import fail
 
 OffloadTarget = Literal["none", "cpu", "nvme"]
@@ -101,12 +102,26 @@ class RunSpec(BaseModel):
     eval_steps: int = Field(0, ge=0)  # 0: at the end only
     peak_tflops: float | None = None
     no_progress: bool = False
-    report_to: list[str] = ["jsonl", "tensorboard"]
+    report_to: list[str] = Field(["jsonl", "tensorboard"], description=(
+        "where metrics go, any of: jsonl tensorboard wandb mlflow (or none, or all). The names given are used, plus "
+        "jsonl always (metrics.jsonl: plot.png is drawn from it); none = jsonl alone; all = jsonl, "
+        "tensorboard and each of wandb/mlflow that is installed (pip install 'dsfleet[wandb]', 'dsfleet[mlflow]'). "
+        "Settings from their env: WANDB_PROJECT/WANDB_MODE/WANDB_DIR, MLFLOW_TRACKING_URI/MLFLOW_EXPERIMENT_NAME"))
     export_hf: bool = True
     # planning / diagnostics
     dry_run: bool = False
     check_memory: bool = False
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, value):  # HF accepts `report_to: wandb`
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: list[str]) -> list[str]:
+        return trackers.parse_report_to(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunSpec":
@@ -160,7 +175,7 @@ def build_parser(prog: str = "dsfleet train") -> argparse.ArgumentParser:
         elif name == "zero":
             parser.add_argument(flag, type=lambda v: v if v == "auto" else int(v), help="ZeRO stage 0-3 or auto")
         elif name == "report_to":
-            parser.add_argument(flag, nargs="+")
+            parser.add_argument(flag, nargs="+", metavar="NAME", help=field.description)
         else:
             parser.add_argument(flag, type=_scalar_type(ann))
     parser.add_argument("--dataset_config", dest="dataset_config_name")

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from dsfleet.cli import UsageError, fail
+from dsfleet.trackers import check_trackers
 
 EXIT_PREEMPTED = 75  # a checkpoint was saved after SIGUSR1/SIGTERM; the Slurm script requeues on this code
 EXIT_SAVE_FAILED = 74  # a checkpoint could not be written (disk full, read-only); the previous one is intact
@@ -48,6 +49,7 @@ def train(spec) -> int:
     out = Path(spec.output_dir or fail("--output_dir is required — pass a directory for metrics and checkpoints"))
     resume_request = spec.resume_from_checkpoint
     check_output_dir(out, spec)
+    check_trackers(spec.report_to)  # a tracker not installed, or MLflow with nowhere to write: said now
 
     from dsfleet import dist_env
     denv = dist_env.setup()
