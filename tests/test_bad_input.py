@@ -193,6 +193,13 @@ CASES = [
          "--zero 5"),
     Case("bench-variant-no-name", "bench", ("bench", "--suite", "cpu_smoke", "--out", OUT, "--variant", "--fused_loss false"),
          "is not NAME=FLAGS"),
+    # ---- experiment trackers (--report_to) --------------------------------------------------------------------
+    Case("report-to-typo", "cli", ("train", *TINY, "--report_to", "wandbb"), "'wandbb' is not a tracker"),
+    Case("report-to-none-and-more", "cli", ("train", *TINY, "--report_to", "none", "wandb"), "none cannot be combined"),
+    Case("report-to-yaml-typo", "yaml", ("train", *TINY, "--config", "spec.yaml"), "'mlfow' is not a tracker",
+         files={"spec.yaml": "report_to: [tensorboard, mlfow]\n"}),
+    Case("report-to-mlflow-no-uri", "env", ("train", *TINY, "--report_to", "mlflow"), "MLFLOW_TRACKING_URI is not set",
+         env={"MLFLOW_TRACKING_URI": ""}),
 ]
 
 
