@@ -239,6 +239,13 @@ CASES = [
     Case("load-checkpoint-missing", "cli", ("train", *TINY, "--load_checkpoint", "nowhere"), "checkpoint nowhere not found"),
     Case("unknown-size-first-preset", "preset/model", ("train", "--preset", "13b_mamba", "--num_gpus", "4", "--dry_run"),
          "unknown preset '13b_mamba'"),
+    # ---- experiment trackers (--report_to) --------------------------------------------------------------------
+    Case("report-to-typo", "cli", ("train", *TINY, "--report_to", "wandbb"), "'wandbb' is not a tracker"),
+    Case("report-to-none-and-more", "cli", ("train", *TINY, "--report_to", "none", "wandb"), "none cannot be combined"),
+    Case("report-to-yaml-typo", "yaml", ("train", *TINY, "--config", "spec.yaml"), "'mlfow' is not a tracker",
+         files={"spec.yaml": "report_to: [tensorboard, mlfow]\n"}),
+    Case("report-to-mlflow-no-uri", "env", ("train", *TINY, "--report_to", "mlflow"), "MLFLOW_TRACKING_URI is not set",
+         env={"MLFLOW_TRACKING_URI": ""}),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Training metrics: what rank 0 shows and records — a tqdm bar, metrics.jsonl, TensorBoard, and plot.png.
+"""Training metrics: what rank 0 shows and records — a tqdm bar, metrics.jsonl, plot.png, and the trackers of
+--report_to (TensorBoard, Weights & Biases, MLflow: dsfleet/trackers.py).
 
 Throughput is measured, not assumed: tokens/s from the padded batch shapes actually computed, TFLOP/s from
 a stated per-family FLOP count (6 x params x tokens, plus GPT-2's attention term), MFU against a given peak.
@@ -12,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dsfleet import trackers
+from dsfleet.cli import UsageError
 
 
 class FlopCounter:
@@ -78,21 +82,33 @@ def live_memory() -> str:
 
 
 class MetricsLog:
-    """Rank 0 writes; other ranks hold a silent instance so the loop reads the same on every rank."""
+    """Rank 0 writes; other ranks hold a silent instance so the loop reads the same on every rank.
+
+    Every row goes to each tracker of `report_to` (trackers.check_trackers: jsonl always); the spec in the run
+    dir's spec.yaml is the trackers' config. A tracker that fails mid-run (a server gone, its process killed by a
+    preemption signal) is warned about once and left out from then on: training and the checkpoint go on."""
 
     def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int, peak_tflops: float | None,
                  world_size: int, show_progress: bool, report_to: list[str], tags: dict[str, str] | None = None):
         self.enabled, self.peak, self.world, self.total_steps = enabled, peak_tflops, world_size, total_steps
         self.tags = dict(tags or {})  # constant facts of the run in every train row (e.g. mamba_scan)
         self.path = out_dir / "metrics.jsonl"
-        self.tb = self.bar = None
+        self.active: dict[str, Any] = {}
+        self.bar = None
         self._window_start = time.perf_counter()
         self._tokens = self._flops = 0.0
         if not enabled:
+            if agree_on_start(None) is not None:
+                raise SystemExit(2)  # rank 0 says why in one line; the others leave now, not at the next collective
             return
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out_dir / "tb"))
+        try:  # every rank waits in agree_on_start for this one's answer
+            names = trackers.check_trackers(report_to)
+            self.active = trackers.open_trackers(names, out_dir, run_config(out_dir, world_size, self.tags))
+        except UsageError as e:
+            agree_on_start(str(e))
+            raise
+        agree_on_start(None)
+        print(f"dsfleet: metrics to {', '.join(names)}", flush=True)
         if show_progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
@@ -118,7 +134,7 @@ class MetricsLog:
             row["mfu"] = row["tflops_per_gpu"] / self.peak
         row.update(peak_memory())
         self._window_start, self._tokens, self._flops = time.perf_counter(), 0.0, 0.0
-        self._write(row)
+        self._send("train", row)
         if self.bar:
             self.bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         return row
@@ -126,7 +142,7 @@ class MetricsLog:
     def log_eval(self, step: int, **values: Any) -> None:
         if not self.enabled:
             return
-        self._write({"step": step, **values})
+        self._send("eval", {"step": step, **values})
         if self.bar:
             self.bar.write("eval step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in values.items())))
         else:
@@ -140,27 +156,49 @@ class MetricsLog:
         if self.enabled:
             self._window_start, self._tokens, self._flops = time.perf_counter(), 0.0, 0.0
 
-    def _write(self, row: dict[str, Any]) -> None:
+    def _send(self, section: str, row: dict[str, Any]) -> None:
+        for name in list(self.active):
+            self._guarded(name, lambda t: t.log(section, row))
+
+    def _guarded(self, name: str, call) -> None:
+        if name == "jsonl":  # handles its own disk errors; anything else is a bug to see
+            return call(self.active[name])
         try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        except OSError as e:  # a full or read-only disk must not kill training; the next checkpoint save reports it
-            if not getattr(self, "_warned", False):
-                print(f"dsfleet: warning: cannot write {self.path} ({e.strerror}) — metrics are not recorded", flush=True)
-                self._warned = True
-        if self.tb:
-            for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)):  # TensorBoard keeps its own wall time
-                    self.tb.add_scalar(("eval/" if k.startswith("eval") or k in ("bleu", "perplexity") else "train/") + k, v, row["step"])
+            call(self.active[name])
+        except Exception as e:  # noqa: BLE001 — a tracker must not end a run; metrics.jsonl keeps every row
+            print(f"dsfleet: warning: {name} failed ({trackers.first_line(e)}) — it gets no more metrics from this run; "
+                  f"metrics.jsonl has them all", flush=True)
+            self.active.pop(name).abandon()
 
     def close(self) -> None:
+        """Ends every tracker's run (the done and the preempted path both call it), draws plot.png; again: redraws."""
         if not self.enabled:
             return
         if self.bar:
             self.bar.close()
-        if self.tb:
-            self.tb.close()
+            self.bar = None
+        for name in list(self.active):
+            self._guarded(name, lambda t: t.close())
+        self.active = {}
         plot(self.path, self.path.parent / "plot.png")
+
+
+def agree_on_start(failure: str | None) -> str | None:
+    """Rank 0's tracker start (None: started), told to every rank by one small broadcast."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return failure
+    box = [failure]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_config(out_dir: Path, world_size: int, tags: dict[str, Any]) -> dict[str, Any]:
+    """What the trackers record as the run's config/params: the spec the run dir holds, world size, the row tags."""
+    import yaml
+    spec_file = out_dir / "spec.yaml"
+    spec = yaml.safe_load(spec_file.read_text()) if spec_file.is_file() else {}
+    return {**(spec or {}), "world_size": world_size, **tags}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

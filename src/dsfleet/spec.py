@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dsfleet import trackers
 from dsfleet.cli import OneLineParser, fail
 from dsfleet.presets import PRESETS, SEED_NAMES
 
@@ -139,8 +140,11 @@ class RunSpec(BaseModel):
     peak_tflops: float | None = Field(None, description="the accelerator's peak TFLOP/s per rank, for MFU in "
                                       "metrics.jsonl")
     no_progress: bool = Field(False, description="no progress bar (logs only)")
-    report_to: list[str] = Field(["jsonl", "tensorboard"], description="where metrics go besides "
-                                 "metrics.jsonl, which is always written: tensorboard writes tb/")
+    report_to: list[str] = Field(["jsonl", "tensorboard"], description=(
+        "where metrics go, any of: jsonl tensorboard wandb mlflow (or none, or all). The names given are used, plus "
+        "jsonl always (metrics.jsonl: plot.png is drawn from it); none = jsonl alone; all = jsonl, "
+        "tensorboard and each of wandb/mlflow that is installed (pip install 'dsfleet[wandb]', 'dsfleet[mlflow]'). "
+        "Settings from their env: WANDB_PROJECT/WANDB_MODE/WANDB_DIR, MLFLOW_TRACKING_URI/MLFLOW_EXPERIMENT_NAME"))
     export_hf: bool = Field(True, description="write consolidated HF weights (safetensors) to OUTPUT_DIR/final")
     # planning / diagnostics
     num_gpus: int | None = Field(None, gt=0, description="GPUs (ranks) to plan for without a launcher: --dry_run and "
@@ -152,6 +156,16 @@ class RunSpec(BaseModel):
                                "--num_gpus N other than the launched world size: the memory plan for N, nothing run")
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1, description="cap this process's share of GPU memory "
                                               "(torch.cuda.set_per_process_memory_fraction): emulate a smaller card")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, value):  # HF accepts `report_to: wandb`
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: list[str]) -> list[str]:
+        return trackers.parse_report_to(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunSpec":
@@ -279,7 +293,7 @@ def build_parser(prog: str = "dsfleet train") -> argparse.ArgumentParser:
         elif name == "deepspeed":
             kwargs.update(nargs="?", const=None, action=_DeepSpeedFlag)
         elif name == "report_to":
-            kwargs.update(nargs="+")
+            kwargs.update(nargs="+", metavar="NAME")
         else:
             kwargs.update(type=_scalar_type(ann))
         group.add_argument(f"--{name}", **kwargs)

@@ -10,6 +10,7 @@ import sys
 
 from dsfleet.cli import UsageError
 from dsfleet.runtime import EXIT_PREEMPTED, EXIT_SAVE_FAILED
+from dsfleet.trackers import check_trackers
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m dsfleet.train") -> int:
@@ -37,6 +38,7 @@ def train(spec) -> int:
     if not (spec.do_train or spec.do_eval or spec.do_predict):
         spec.do_train = True
     out = rundir.checked(spec)
+    check_trackers(spec.report_to)  # a tracker not installed, or MLflow with nowhere to write: said now
     accel = runtime.accelerator()
     is_main = denv.rank == 0
     if spec.dry_run:
