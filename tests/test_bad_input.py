@@ -193,6 +193,12 @@ CASES = [
          "--zero 5"),
     Case("bench-variant-no-name", "bench", ("bench", "--suite", "cpu_smoke", "--out", OUT, "--variant", "--fused_loss false"),
          "is not NAME=FLAGS"),
+    # ---- Mamba CUDA kernels (issue 19) ------------------------------------------------------------------------
+    Case("mamba-kernels-on-without-them", "cli", ("train", "--preset", "mamba_tiny", "--from_scratch", "--synthetic_data",
+                                                  "--mamba_kernels", "on"),
+         "--mamba_kernels on, but the mamba_ssm / causal_conv1d CUDA kernels cannot run here"),
+    Case("mamba-kernels-bad-value", "cli", ("train", "--preset", "mamba_tiny", "--from_scratch", "--mamba_kernels", "yes"),
+         "mamba_kernels"),
 ]
 
 

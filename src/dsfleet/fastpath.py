@@ -294,7 +294,7 @@ def apply(model, spec, family: str, zero_stage: int) -> FastPath:
             install_fused_loss(model, family)
             fast.parts.append("fused chunked cross-entropy")
     if family == "mamba":
-        _mamba_scan(fast, on_gpu=next(model.parameters()).device.type == "cuda")
+        _mamba_scan(fast, on_gpu=next(model.parameters()).device.type == "cuda", choice=spec.mamba_kernels)
     if spec.compile:
         fast.parts.append(f"torch.compile of {compile_blocks(model)} blocks")
         if "fused chunked cross-entropy" in fast.parts:
@@ -303,28 +303,53 @@ def apply(model, spec, family: str, zero_stage: int) -> FastPath:
     return fast
 
 
-MAMBA_KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
+# The import names transformers' Mamba resolves (mamba_ssm, causal_conv1d) and their compiled halves, which are
+# what fails to import when the packages are present but were not built for this torch/CUDA.
+MAMBA_KERNEL_MODULES = ("mamba_ssm", "causal_conv1d", "selective_scan_cuda", "causal_conv1d_cuda")
 
 
-def mamba_kernels_installed() -> bool:
-    """transformers' Mamba calls the selective-scan / causal-conv1d CUDA kernels when these packages import
-    (it resolves them when modeling_mamba is imported) and its pure-PyTorch scan otherwise."""
-    import importlib.util
-    return all(importlib.util.find_spec(name) is not None for name in MAMBA_KERNEL_PACKAGES)
+def mamba_kernels_problem() -> str | None:
+    """Why transformers' Mamba would not run the mamba_ssm / causal_conv1d CUDA kernels here, or None when it
+    would. transformers (5.x) imports the packages when modeling_mamba is first imported and keeps its
+    pure-PyTorch functions wherever an import fails; this makes the same imports, so it answers for the model
+    the run builds (call it before or after; the answer is the same)."""
+    import importlib
+    try:
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn  # noqa: F401
+        importlib.import_module("causal_conv1d").causal_conv1d_fn  # noqa: B018
+    except Exception as e:  # ImportError, or a library built for another torch (undefined symbol: OSError)
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+    return None
 
 
-def _mamba_scan(fast: FastPath, on_gpu: bool) -> None:
-    if on_gpu and mamba_kernels_installed():
+def hide_mamba_kernels() -> None:
+    """`--mamba_kernels off`: make mamba_ssm / causal_conv1d unimportable in this process, so that transformers'
+    Mamba keeps its pure-PyTorch scan (the reference path, for comparisons) even where the kernels are installed.
+    Must run before transformers' modeling_mamba is imported: it resolves the kernels once, at import."""
+    import sys
+    if "transformers.models.mamba.modeling_mamba" in sys.modules:
+        raise RuntimeError("internal: hide_mamba_kernels() after transformers' Mamba module was imported")
+    for name in MAMBA_KERNEL_MODULES:
+        sys.modules[name] = None  # `import name` now raises ImportError
+
+
+def _mamba_scan(fast: FastPath, on_gpu: bool, choice: str = "auto") -> None:
+    problem = mamba_kernels_problem() if on_gpu else "CPU run"
+    if problem is None:
         fast.tags["mamba_scan"] = "cuda_kernels"
         fast.parts.append("Mamba selective scan + causal conv1d CUDA kernels")
         return
     fast.tags["mamba_scan"] = "pytorch"
+    if choice == "off":
+        fast.skipped.append("Mamba CUDA kernels (--mamba_kernels off): pure-PyTorch scan")
+        return
     if on_gpu:
         fast.warnings.append(
-            "warning: mamba_ssm / causal_conv1d are not installed — Mamba runs transformers' pure-PyTorch scan, which "
-            "materialises the (batch, d_inner, seq, d_state) state tensors and is several times slower and larger "
-            "than the fused kernels; install them (the image builds them for CUDA_ARCH) for real runs")
-    fast.skipped.append("Mamba CUDA kernels (" + ("not installed" if on_gpu else "CPU run") + "): pure-PyTorch scan")
+            f"warning: mamba_ssm / causal_conv1d kernels unavailable ({problem}) — Mamba runs transformers' "
+            "pure-PyTorch scan, which materialises the (batch, d_inner, seq, d_state) state tensors and is several "
+            "times slower and larger than the fused kernels; install them (docker/install.sh mamba builds them "
+            "for CUDA_ARCH) for real runs")
+    fast.skipped.append("Mamba CUDA kernels (" + ("unavailable" if on_gpu else "CPU run") + "): pure-PyTorch scan")
 
 
 def compile_loss() -> None:

@@ -92,6 +92,9 @@ class RunSpec(BaseModel):
     fused_activation: bool = True  # GPT-2's gelu_new as the one-kernel tanh GELU (same formula)
     compile: bool = False  # torch.compile of each repeated block (ZeRO 0-2)
     fused_grad_checks: bool = True  # ZeRO-1/2's per-tensor overflow check + clip norm as multi-tensor kernels
+    # Mamba's selective scan + causal conv1d: the mamba_ssm / causal_conv1d CUDA kernels (auto: when they import on
+    # a GPU; on: required, else bad input; off: transformers' pure-PyTorch scan even where they are installed)
+    mamba_kernels: Literal["auto", "on", "off"] = "auto"
     gc_interval: int = Field(50, ge=0)  # Python's GC at every N-th step boundary, not mid-step (0: Python's own)
     # checkpoints, logging
     save_steps: int = Field(0, ge=0)  # 0: only at the end

@@ -39,7 +39,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(spec) -> int:
     # ---- 1. what to train, where: all checks before anything is written ----------------------------------
+    if spec.mamba_kernels == "off":  # before anything imports transformers' Mamba: it picks its scan at import
+        from dsfleet.fastpath import hide_mamba_kernels
+        hide_mamba_kernels()
     model_source = resolve_model_source(spec)
+    if spec.mamba_kernels == "on" and model_source.family == "mamba":
+        from dsfleet.fastpath import mamba_kernels_problem
+        problem = "no GPU visible" if not _has_gpu() else mamba_kernels_problem()
+        if problem:
+            fail(f"--mamba_kernels on, but the mamba_ssm / causal_conv1d CUDA kernels cannot run here ({problem}) — "
+                 "build them for this GPU (docker/install.sh mamba with CUDA_ARCH set) or pass --mamba_kernels auto")
     if spec.model_name_or_path and spec.preset and not spec.from_scratch:
         model_config(spec.model_name_or_path)  # weights load after the run dir exists: a bad source is said now
     spec.task = spec.task or ("translation" if model_source.family == "t5" else "causal_lm")
