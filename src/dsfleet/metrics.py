@@ -15,8 +15,7 @@ import torch
 
 
 class FlopCounter:
-    """Training FLOPs of one batch (forward + backward = 3 x forward): 6N per token (N parameters), plus GPT-2's
-    attention score/value products and Mamba's selective scan, which no parameter count sees."""
+    """Training FLOPs of one batch (forward + backward = 3 x forward)."""
 
     def __init__(self, model, family: str):
         self.family = family
@@ -30,17 +29,13 @@ class FlopCounter:
             self.n_enc, self.n_dec = enc, total - enc
         cfg = model.config
         self.attn = 12 * getattr(cfg, "n_layer", 0) * getattr(cfg, "n_embd", 0) if family == "gpt2" else 0
-        # Mamba's selective scan per layer, token and state element (d_inner x d_state), forward: h = dA*h + dB*x
-        # (2), dB*x = dt*B*x (2), y = C.h (2) — x3 for training. Every weight product (projections, depthwise conv,
-        # A in exp(dt*A)) is in 6N already. mamba_1b: +0.7% over 6N.
-        self.scan = (18 * cfg.num_hidden_layers * cfg.intermediate_size * cfg.state_size) if family == "mamba" else 0
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> float:
         ids = batch["input_ids"]
         if self.family == "t5":
             return 6.0 * (self.n_enc * ids.numel() + self.n_dec * batch["labels"].numel())
         seq = ids.shape[-1]
-        return (6.0 * self.n_params + self.attn * seq + self.scan) * ids.numel()
+        return (6.0 * self.n_params + self.attn * seq) * ids.numel()
 
 
 def batch_tokens(batch: dict[str, torch.Tensor], seq2seq: bool) -> int:
