@@ -16,6 +16,8 @@
 #           relaunch that resumes it (steps 21-25 must repeat); without, the run is stopped after its last step
 #           (no checkpoint written) and the log says why.
 # Carry: .whl (make-device-wheels.sh) and, from an earlier call, .whl/prebuilt/mamba-kernels-*.
+# MAMBA_START_BY=S: a phase after the first starts only within S seconds of this script's start (a device call
+# lasts 10 minutes at most; what is under $OUT comes back either way).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_mamba}
 mkdir -p "$OUT"
@@ -37,7 +39,6 @@ df -h / /tmp /dev/shm 2>/dev/null | sed 's/^/  /'
 free -g | sed 's/^/  /'
 # shellcheck source=scripts/device_env.sh
 . scripts/device_env.sh || exit 1
-export DS_BUILD_OPS=0  # JIT builds of DeepSpeed ops only where nothing prebuilt was carried
 
 # The box's python3 lives in a venv (/opt/torch/.venv): a venv made from it sees the base interpreter, not torch,
 # so a .pth file adds the parent env's site-packages (as gpu_ops_check.sh does). install.sh installs into it.
@@ -81,7 +82,7 @@ phase_build() {
   env -u PYTHONPATH PYTHON="$py" CUDA_ARCH="$arch" bash docker/check-ops.sh mamba || fail "check-ops.sh mamba"
   # the SASS in the library: one cubin per target named in CUDA_ARCH
   local site lib
-  site=$("$py" -c 'import mamba_ssm, os; print(os.path.dirname(os.path.dirname(mamba_ssm.__file__)))')
+  site=$("$py" -c 'import importlib.util as u, os; print(os.path.dirname(u.find_spec("mamba_ssm").submodule_search_locations[0]))')
   for lib in "$site"/selective_scan_cuda*.so "$site"/causal_conv1d_cuda*.so; do
     echo "$(basename "$lib"): $(du -h "$lib" | cut -f1), targets: $(cuobjdump --list-elf "$lib" 2>/dev/null | grep -o 'sm_[0-9a-z]*' | sort | uniq -c | tr '\n' ' ')"
   done
@@ -105,8 +106,9 @@ phase_build() {
 
 phase_bench() {
   echo "== bench: dsfleet bench --suite mamba"
-  python3 -m dsfleet.cli bench --suite mamba --out "$OUT/bench" --work "$work/bench" --timeout 420 ||
+  python3 -m dsfleet.cli bench --suite mamba --out "$OUT/bench" --work "$work/bench" --timeout 300 ||
     fail "bench --suite mamba"
+  cp "$OUT/bench/results.md" "$OUT/bench_results.md" 2>/dev/null
   rm -rf "$work/bench"
 }
 
@@ -240,7 +242,29 @@ print(b["zero_stage"], b["micro_batch"], int(b["gradient_checkpointing"]), b["gp
   rm -rf "$work"/mamba7b*
 }
 
-for p in "${phases[@]}"; do "phase_$p"; done
+# $OUT returns 8 files at most: all but the kernel tarball, this log and the summaries go into logs.tgz
+pack_out() {
+  local f
+  mkdir -p "$work/outlogs"
+  while IFS= read -r -d '' f; do
+    (cd "$OUT" && cp --parents "$f" "$work/outlogs/" && rm -f "$f")
+  done < <(cd "$OUT" && find . -type f ! -name 'mamba-kernels-*' ! -name logs.tgz ! -name gpu_mamba.log \
+    ! -name summary.txt ! -name bench_results.md -print0)
+  find "$OUT" -mindepth 1 -type d -empty -delete
+  (cd "$work/outlogs" && tar -czf "$OUT/logs.tgz" .)
+}
+
+first=1
+for p in "${phases[@]}"; do
+  if [ "$first" = 0 ] && [ -n "${MAMBA_START_BY:-}" ] && [ "$SECONDS" -gt "$MAMBA_START_BY" ]; then
+    fail "phase $p not started: ${SECONDS}s gone, MAMBA_START_BY=$MAMBA_START_BY"
+    continue
+  fi
+  first=0
+  echo "== phase $p at ${SECONDS}s"
+  "phase_$p"
+  pack_out
+done
 if [ ${#fails[@]} -gt 0 ]; then
   printf 'GPU MAMBA FAILED:\n' && printf '  %s\n' "${fails[@]}"
   exit 1
