@@ -295,6 +295,9 @@ def apply(model, spec, family: str, zero_stage: int) -> FastPath:
             fast.parts.append("fused chunked cross-entropy")
     if family == "mamba":
         _mamba_scan(fast, on_gpu=next(model.parameters()).device.type == "cuda", choice=spec.mamba_kernels)
+        if zero_stage == 3:
+            fast.parts.append(f"ZeRO-3 gathers for {gather_mamba_mixer_weights(model)} Mamba mixers the weights they "
+                              "read directly")
     if spec.compile:
         fast.parts.append(f"torch.compile of {compile_blocks(model)} blocks")
         if "fused chunked cross-entropy" in fast.parts:
@@ -350,6 +353,23 @@ def _mamba_scan(fast: FastPath, on_gpu: bool, choice: str = "auto") -> None:
             "times slower and larger than the fused kernels; install them (docker/install.sh mamba builds them "
             "for CUDA_ARCH) for real runs")
     fast.skipped.append("Mamba CUDA kernels (" + ("unavailable" if on_gpu else "CPU run") + "): pure-PyTorch scan")
+
+
+def gather_mamba_mixer_weights(model) -> int:
+    """ZeRO-3 gathers a module's parameters for that module's own forward and backward only. transformers'
+    MambaMixer reads its x_proj, dt_proj, out_proj and conv1d weights as tensors (the fused kernel takes them all;
+    the PyTorch path dt_proj's and conv1d's) instead of calling those modules, so at stage 3 it would see empty
+    partitions (seen on an H200: 'size of tensor a (0) must match ... (16)'). Registered as the mixer's external
+    parameters, DeepSpeed gathers them around the mixer's forward and backward."""
+    from deepspeed.zero import register_external_parameter
+    mixers = 0
+    for module in model.modules():
+        if type(module).__name__ == "MambaMixer":
+            for child in (module.x_proj, module.dt_proj, module.out_proj, module.conv1d):
+                for param in child.parameters(recurse=False):
+                    register_external_parameter(module, param)
+            mixers += 1
+    return mixers
 
 
 def compile_loss() -> None:
