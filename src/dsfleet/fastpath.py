@@ -361,7 +361,8 @@ def gather_mamba_mixer_weights(model) -> int:
     the PyTorch path dt_proj's and conv1d's) instead of calling those modules, so at stage 3 it would see empty
     partitions (seen on an H200: 'size of tensor a (0) must match ... (16)'). Registered as the mixer's external
     parameters, DeepSpeed gathers them around the mixer's forward and backward."""
-    from deepspeed.zero import register_external_parameter
+    import deepspeed
+    register_external_parameter = deepspeed.zero.register_external_parameter
     mixers = 0
     for module in model.modules():
         if type(module).__name__ == "MambaMixer":

@@ -423,7 +423,8 @@ def build_model(spec, model_source, tokenizer, ds_config: dict, zero_stage: int,
         from dsfleet.models import family
         family(model_source.family)  # import the model classes outside the patched context too
         if spec.from_scratch:
-            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            from dsfleet.models import zero3_construction
+            with deepspeed.zero.Init(config_dict_or_path=ds_config), zero3_construction(model_source.family):
                 return load_model(model_source.preset, None, True, overrides, spec.gradient_checkpointing)
         from transformers.integrations import HfDeepSpeedConfig
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 — from_pretrained reads it while alive
