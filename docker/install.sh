@@ -2,25 +2,33 @@
 # The one DeepSpeed install: the Dockerfile RUNs it and `make venv`/`make setup` run it on bare metal, so CI,
 # the image and the GPU box run the same steps. Idempotent: with everything built for this flavour it takes seconds.
 #
-# Usage: install.sh [torch] [deepspeed] [dsfleet]     (no argument: all three; dsfleet only when DSFLEET_SRC is set)
+# Usage: install.sh [torch] [deepspeed] [mamba] [dsfleet]   (no argument: all; mamba only when DSFLEET_MAMBA_KERNELS
+#        resolves to 1, dsfleet only when DSFLEET_SRC is set)
 # Env:
 #   PYTHON             interpreter of the target env (default python3)
 #   CUDA_ARCH          compute capabilities for the GPU ops: 8.9, "8.0;9.0", 9.0+PTX; empty or cpu = CPU build
 #   DSFLEET_SRC        path to install dsfleet from; DSFLEET_EDITABLE (1: pip -e), DSFLEET_EXTRAS (default test)
-#   DEEPSPEED_VERSION  default 0.19.8, built from its sdist with CPU Adam + AIO, and fused Adam (CUDA) or the
+#   DEEPSPEED_VERSION  default common.sh's (0.19.8), built from its sdist with CPU Adam + AIO, and fused Adam (CUDA) or the
 #                      shared-memory collective (CPU: what the CPU accelerator JIT-builds at init_distributed)
 #   TORCH_VERSION      empty: keep any torch of the right flavour (CUDA build for CUDA_ARCH), else install 2.13.0;
 #                      set: the installed torch must be that version ("2.13.0" or exactly "2.13.0+cpu")
 #   TORCH_INDEX_URL    empty: pip's configured index; auto: download.pytorch.org/whl/cpu or /cuXYZ (from nvcc); a URL
 #   WHEELHOUSE         a dir of wheels/sdists pip looks in first; OFFLINE=1 adds --no-index (a box with no network)
-#   DS_FORCE_BUILD=1   rebuild the ops even when the installed build matches; MAX_JOBS compile jobs (default nproc)
+#   DSFLEET_MAMBA_KERNELS  1: build mamba-ssm's selective scan and causal-conv1d's CUDA kernels for CUDA_ARCH from
+#                      their sdists (transformers' Mamba uses them when they import; otherwise a pure-PyTorch scan);
+#                      0: not; empty: 1 for a GPU CUDA_ARCH, 0 for CPU. MAMBA_SSM_VERSION / CAUSAL_CONV1D_VERSION
+#                      default to common.sh's; NVCC_THREADS replaces their nvcc --threads (default theirs, 4)
+#   DS_FORCE_BUILD=1   rebuild the ops (and the Mamba kernels) even when the installed build matches; MAX_JOBS
+#                      compile jobs (default nproc)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=docker/common.sh
 . "$here/common.sh"
 
 PYTHON=${PYTHON:-python3}
-DEEPSPEED_VERSION=${DEEPSPEED_VERSION:-0.19.8}
+DEEPSPEED_VERSION=${DEEPSPEED_VERSION:-$DSFLEET_DEEPSPEED_VERSION}
+MAMBA_SSM_VERSION=${MAMBA_SSM_VERSION:-$DSFLEET_MAMBA_SSM_VERSION}
+CAUSAL_CONV1D_VERSION=${CAUSAL_CONV1D_VERSION:-$DSFLEET_CAUSAL_CONV1D_VERSION}
 DEFAULT_TORCH_VERSION=2.13.0
 TORCH_VERSION=${TORCH_VERSION:-}
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
@@ -32,14 +40,15 @@ OFFLINE=${OFFLINE:-0}
 
 # ---- inputs, all checked before anything is installed -----------------------------------------------------------
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(torch deepspeed dsfleet)
+[ ${#steps[@]} -gt 0 ] || steps=(torch deepspeed mamba dsfleet)
 for s in "${steps[@]}"; do
-  case "$s" in torch | deepspeed | dsfleet) ;; *) die "unknown step '$s' — steps are: torch deepspeed dsfleet" ;; esac
+  case "$s" in torch | deepspeed | mamba | dsfleet) ;; *) die "unknown step '$s' — steps are: torch deepspeed mamba dsfleet" ;; esac
 done
 want() { [[ " ${steps[*]} " == *" $1 "* ]]; }
 arch=$(cuda_arch_list "${CUDA_ARCH:-}")
 accel=$(ds_accelerator "$arch")
 read -ra ops <<<"$(required_ops "$arch")"
+mamba=$(mamba_kernels_wanted "$arch")
 "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 10)' 2>/dev/null ||
   die "PYTHON=$PYTHON is not a Python >= 3.10 — point PYTHON at the target env's interpreter"
 "$PYTHON" -m pip --version >/dev/null 2>&1 || die "PYTHON=$PYTHON has no pip — create the env with python3 -m venv"
@@ -48,9 +57,10 @@ read -ra ops <<<"$(required_ops "$arch")"
 case "$OFFLINE" in 0 | 1) ;; *) die "OFFLINE=$OFFLINE — use 1 (no network: only WHEELHOUSE) or 0" ;; esac
 [ "$OFFLINE" = 0 ] || [ -n "$WHEELHOUSE" ] || die "OFFLINE=1 needs WHEELHOUSE (the dir of carried wheels/sdists)"
 
-pip=("$PYTHON" -m pip install --disable-pip-version-check)
-[ -z "$WHEELHOUSE" ] || pip+=(--find-links "$WHEELHOUSE")
-[ "$OFFLINE" = 0 ] || pip+=(--no-index)
+pip_source=()
+[ -z "$WHEELHOUSE" ] || pip_source+=(--find-links "$WHEELHOUSE")
+[ "$OFFLINE" = 0 ] || pip_source+=(--no-index)
+pip=("$PYTHON" -m pip install --disable-pip-version-check "${pip_source[@]}")
 # Console scripts of the env (ninja, ds_report) must be found by the build and by check-ops.sh.
 bindir=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 export PATH="$bindir:$PATH"
@@ -155,13 +165,15 @@ check_toolchain() {
   "$cc" ${CFLAGS:-} "$probe/aio.c" -o "$probe/aio" ${LDFLAGS:-} -laio >/dev/null 2>&1 ||
     { rm -rf "$probe"; die "libaio headers/library not found (AIO op) — apt-get install libaio-dev, or set CFLAGS=-I.. LDFLAGS=-L.."; }
   rm -rf "$probe"
-  if [ "$arch" != cpu ]; then
-    local release torch_cuda
-    release=$(nvcc_release) || die "CUDA_ARCH=$arch needs the CUDA toolkit (nvcc) — use a CUDA devel BASE_IMAGE or set CUDA_HOME"
-    torch_cuda=$(torch_state | cut -d' ' -f2)
-    [ "${release%%.*}" = "${torch_cuda%%.*}" ] ||
-      die "nvcc is CUDA $release but torch was built for CUDA $torch_cuda — use a BASE_IMAGE with CUDA $torch_cuda (or the torch for $release)"
-  fi
+  if [ "$arch" != cpu ]; then check_cuda_toolchain; fi
+}
+
+check_cuda_toolchain() {
+  local release torch_cuda
+  release=$(nvcc_release) || die "CUDA_ARCH=$arch needs the CUDA toolkit (nvcc) — use a CUDA devel BASE_IMAGE or set CUDA_HOME"
+  torch_cuda=$(torch_state | cut -d' ' -f2)
+  [ "${release%%.*}" = "${torch_cuda%%.*}" ] ||
+    die "nvcc is CUDA $release but torch was built for CUDA $torch_cuda — use a BASE_IMAGE with CUDA $torch_cuda (or the torch for $release)"
 }
 
 install_deepspeed() {
@@ -205,7 +217,7 @@ install_deepspeed() {
   env "${build_env[@]}" "${pip[@]}" --no-deps --no-build-isolation --no-cache-dir --force-reinstall \
     --no-binary deepspeed "deepspeed==$DEEPSPEED_VERSION"
   log "deepspeed build took $((SECONDS - t0)) s"
-  PYTHON=$PYTHON CUDA_ARCH=$arch bash "$here/check-ops.sh"
+  PYTHON=$PYTHON CUDA_ARCH=$arch bash "$here/check-ops.sh" deepspeed
   local pkg
   pkg=$("$PYTHON" -c 'import importlib.util as u; print(u.find_spec("deepspeed").submodule_search_locations[0])')
   build_id >"$pkg/dsfleet_build.txt"
@@ -213,7 +225,127 @@ install_deepspeed() {
   log "deepspeed $DEEPSPEED_VERSION built with ${ops[*]} for $accel"
 }
 
-# ---- 3. dsfleet itself -------------------------------------------------------------------------------------------
+# ---- 3. Mamba's CUDA kernels (mamba-ssm, causal-conv1d), built from their sdists for CUDA_ARCH alone -------------
+mamba_build_id() {
+  echo "mamba_ssm=$MAMBA_SSM_VERSION causal_conv1d=$CAUSAL_CONV1D_VERSION torch=$(torch_state | tr ' ' /) arch=$arch"
+}
+
+# Succeeds when mamba_ssm carries this script's build and both kernel libraries import.
+mamba_built() {
+  "$PYTHON" - "$(mamba_build_id)" <<'PY' 2>/dev/null
+import importlib.util, os, sys
+spec = importlib.util.find_spec("mamba_ssm")
+if spec is None:
+    print("dsfleet install: mamba_ssm is not installed"); sys.exit(1)
+marker = os.path.join(spec.submodule_search_locations[0], "dsfleet_build.txt")
+have = open(marker).read().strip() if os.path.exists(marker) else "mamba_ssm not built by dsfleet"
+if have != sys.argv[1]:
+    print(f"dsfleet install: installed: {have}\ndsfleet install: wanted:    {sys.argv[1]}"); sys.exit(1)
+import torch  # noqa: F401  (the kernel libraries link against it)
+import causal_conv1d_cuda, selective_scan_cuda  # noqa: F401
+PY
+}
+
+# build_cuda_sdist SDIST WHEEL_DIR: a wheel of SDIST whose nvcc targets are TORCH_CUDA_ARCH_LIST alone. Both
+# packages' setup.py hard-code a -gencode pair for every architecture their nvcc knows (nine with CUDA 13, which is
+# why one build took over 8 minutes); this drops those pairs from each CUDAExtension's nvcc flags, so torch's
+# BuildExtension adds the TORCH_CUDA_ARCH_LIST ones, and runs the sdist's own setuptools backend in this process.
+build_cuda_sdist() {
+  "$PYTHON" - "$1" "$2" <<'PY'
+import os, sys, tarfile, tempfile
+sdist, wheel_dir = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+work = tempfile.mkdtemp(prefix="dsfleet-sdist-")
+with tarfile.open(sdist) as tar:
+    tar.extractall(work, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(work)
+(src,) = [os.path.join(work, d) for d in os.listdir(work)]
+threads = os.environ.get("NVCC_THREADS", "")
+dropped = []
+
+def own_arch_flags(flags):
+    kept, it = [], iter(flags)
+    for flag in it:
+        if flag in ("-gencode", "--generate-code"):
+            dropped.append(next(it, ""))
+        elif flag.startswith(("-gencode=", "--generate-code=", "-arch=", "--gpu-architecture=")):
+            dropped.append(flag)
+        elif flag == "--threads" and threads:
+            next(it, None)
+            kept += ["--threads", threads]
+        else:
+            kept.append(flag)
+    return kept
+
+import torch.utils.cpp_extension as cpp_extension
+upstream = cpp_extension.CUDAExtension
+
+def CUDAExtension(name, sources, *args, **kwargs):
+    flags = kwargs.get("extra_compile_args")
+    if isinstance(flags, dict) and "nvcc" in flags:
+        flags["nvcc"] = own_arch_flags(flags["nvcc"])
+    return upstream(name, sources, *args, **kwargs)
+
+cpp_extension.CUDAExtension = CUDAExtension  # setup.py's `from torch.utils.cpp_extension import` finds this one
+os.chdir(src)
+sys.path.insert(0, src)
+from setuptools import build_meta
+name = build_meta.build_wheel(wheel_dir)
+print(f"dsfleet install: built {name} for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')} "
+      f"({len(dropped)} hard-coded nvcc targets dropped: {' '.join(dropped)})")
+PY
+}
+
+install_mamba() {
+  [ "$mamba" = 1 ] || return 0
+  torch_state >/dev/null || die "torch is not installed in $PYTHON's env — run install.sh with the torch step first"
+  # What mamba_ssm imports at run time besides torch/triton/transformers; their other requirements (tilelang,
+  # quack-kernels: Mamba-3 only, imported inside try blocks) are left out, hence --no-deps below.
+  local deps=(einops packaging setuptools wheel) missing=()
+  command -v ninja >/dev/null || deps+=(ninja)
+  mapfile -t missing < <(missing_dists "${deps[@]}")
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    "${pip[@]}" "${missing[@]}"
+  fi
+  if [ "${DS_FORCE_BUILD:-0}" != 1 ] && mamba_built; then
+    log "mamba kernels already built ($(mamba_build_id)) — nothing to do"
+    return 0
+  fi
+  check_cuda_toolchain
+  local tmp t0=$SECONDS
+  tmp=$(mktemp -d)
+  # Their setup.py runs when pip reads the sdists' metadata: skip its CUDA part there.
+  MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE "$PYTHON" -m pip download -q --disable-pip-version-check \
+    "${pip_source[@]}" --no-deps --no-binary :all: --no-build-isolation -d "$tmp/src" \
+    "causal-conv1d==$CAUSAL_CONV1D_VERSION" "mamba-ssm==$MAMBA_SSM_VERSION"
+  local build_env=(TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE)  # FORCE_BUILD: compile, never fetch a wheel from GitHub
+  log "building causal-conv1d $CAUSAL_CONV1D_VERSION and mamba-ssm $MAMBA_SSM_VERSION side by side: ${build_env[*]}"
+  # Side by side: causal-conv1d's 4 sources beside mamba's 11 keep the cores busy (one nvcc target each).
+  (export "${build_env[@]}" && build_cuda_sdist "$tmp/src/causal_conv1d-$CAUSAL_CONV1D_VERSION.tar.gz" "$tmp/wheels") \
+    >"$tmp/causal_conv1d.log" 2>&1 &
+  local conv_pid=$! rc=0 conv_rc=0
+  (export "${build_env[@]}" && build_cuda_sdist "$tmp/src/mamba_ssm-$MAMBA_SSM_VERSION.tar.gz" "$tmp/wheels") \
+    >"$tmp/mamba_ssm.log" 2>&1 || rc=$?
+  wait "$conv_pid" || conv_rc=$?
+  local name
+  for name in causal_conv1d mamba_ssm; do
+    echo "---- $name build log"
+    grep -v -e '^ptxas info' -e '^    ' -e 'bytes stack frame' "$tmp/$name.log" || true  # ptxas -v: thousands of lines
+  done
+  [ "$conv_rc" = 0 ] || die "causal-conv1d $CAUSAL_CONV1D_VERSION did not build (exit $conv_rc) — see its log above"
+  [ "$rc" = 0 ] || die "mamba-ssm $MAMBA_SSM_VERSION did not build (exit $rc) — see its log above"
+  log "mamba kernels build took $((SECONDS - t0)) s"
+  "${pip[@]}" --no-deps --force-reinstall --no-cache-dir "$tmp"/wheels/*.whl
+  local pkg
+  pkg=$("$PYTHON" -c 'import importlib.util as u; print(u.find_spec("mamba_ssm").submodule_search_locations[0])')
+  mamba_build_id >"$pkg/dsfleet_build.txt"
+  PYTHON=$PYTHON CUDA_ARCH=$arch bash "$here/check-ops.sh" mamba
+  mamba_built || die "the Mamba kernels were built but do not import — see the build log above"
+  rm -rf "$tmp"
+  log "mamba kernels built for arch $arch"
+}
+
+# ---- 4. dsfleet itself -------------------------------------------------------------------------------------------
 install_dsfleet() {
   [ -n "$DSFLEET_SRC" ] || return 0
   local target=$DSFLEET_SRC
@@ -224,4 +356,5 @@ install_dsfleet() {
 
 if want torch; then install_torch; fi
 if want deepspeed; then install_deepspeed; fi
+if want mamba; then install_mamba; fi
 if want dsfleet; then install_dsfleet; fi

@@ -66,7 +66,7 @@ printf 'build_s=%s\nsecond_run_s=%s\ncuda_arch=%s\nnproc=%s\n' "$build_s" "$agai
 echo "== ds_report"
 PATH=$venv/bin:$PATH DS_ACCELERATOR=cuda "$py" -m deepspeed.env_report 2>&1 | sed 's/\x1b\[[0-9;]*m//g' >"$OUT/ds_report.txt"
 cat "$OUT/ds_report.txt"
-PYTHON=$py CUDA_ARCH=$arch bash docker/check-ops.sh >/dev/null || fail "ds_report does not list cpu_adam/async_io/fused_adam installed"
+PYTHON=$py CUDA_ARCH=$arch bash docker/check-ops.sh deepspeed >/dev/null || fail "ds_report does not list cpu_adam/async_io/fused_adam installed"
 
 # Steps with an empty torch-extensions dir: any JIT build would land there. TORCH_CUDA_ARCH_LIST is set to a
 # value a JIT build could use, so that the empty dir, not a parse error, is what proves nothing was built.

@@ -246,6 +246,12 @@ CASES = [
          files={"spec.yaml": "report_to: [tensorboard, mlfow]\n"}),
     Case("report-to-mlflow-no-uri", "env", ("train", *TINY, "--report_to", "mlflow"), "MLFLOW_TRACKING_URI is not set",
          env={"MLFLOW_TRACKING_URI": ""}),
+    # ---- Mamba CUDA kernels (issue 19) ------------------------------------------------------------------------
+    Case("mamba-kernels-on-without-them", "cli", ("train", "--preset", "mamba_tiny", "--from_scratch", "--synthetic_data",
+                                                  "--mamba_kernels", "on"),
+         "--mamba_kernels on, but the mamba_ssm / causal_conv1d CUDA kernels cannot run here"),
+    Case("mamba-kernels-bad-value", "cli", ("train", "--preset", "mamba_tiny", "--from_scratch", "--mamba_kernels", "yes"),
+         "mamba_kernels"),
 ]
 
 

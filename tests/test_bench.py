@@ -221,20 +221,122 @@ def checks_of(doc) -> dict:
 
 
 def test_mamba_scan_path_is_reported_and_warned_on_gpu_without_kernels(monkeypatch):
-    """The kernel lookup is real (find_spec on mamba_ssm / causal_conv1d); the GPU side is only the flag this
-    CPU machine cannot make true: on a GPU without the packages the run warns once, naming the cost."""
-    monkeypatch.setattr(fastpath, "mamba_kernels_installed", lambda: False)
+    """The GPU side is only the answer this CPU machine cannot give (the kernel imports: the next test makes them
+    real): on a GPU without the kernels the run warns once, naming the cost; `--mamba_kernels off` says so."""
+    monkeypatch.setattr(fastpath, "mamba_kernels_problem", lambda: "ImportError: No module named 'selective_scan_cuda'")
     fast = fastpath.FastPath()
     fastpath._mamba_scan(fast, on_gpu=True)
     assert fast.tags == {"mamba_scan": "pytorch"}
     assert len(fast.warnings) == 1 and "slower" in fast.warnings[0] and " — " in fast.warnings[0]
-    monkeypatch.setattr(fastpath, "mamba_kernels_installed", lambda: True)
+    assert "selective_scan_cuda" in fast.warnings[0]
+    fast = fastpath.FastPath()
+    fastpath._mamba_scan(fast, on_gpu=True, choice="off")
+    assert fast.tags == {"mamba_scan": "pytorch"} and not fast.warnings and "--mamba_kernels off" in fast.describe()
+    monkeypatch.setattr(fastpath, "mamba_kernels_problem", lambda: None)
     fast = fastpath.FastPath()
     fastpath._mamba_scan(fast, on_gpu=True)
     assert fast.tags == {"mamba_scan": "cuda_kernels"} and not fast.warnings
     fast = fastpath.FastPath()
     fastpath._mamba_scan(fast, on_gpu=False)
     assert fast.tags == {"mamba_scan": "pytorch"} and not fast.warnings
+
+
+_FAKE_KERNELS_PROBE = r"""
+import json, sys
+import torch
+from dsfleet import fastpath
+if sys.argv[1] == "off":
+    fastpath.hide_mamba_kernels()
+problem = fastpath.mamba_kernels_problem()
+from dsfleet.models import build_config, family
+from dsfleet.presets import get_preset
+import mamba_calls
+model = family("mamba").model_cls(build_config(get_preset("mamba_tiny"))).train()
+loss = model(input_ids=torch.randint(0, 500, (2, 16)), labels=torch.randint(0, 500, (2, 16))).loss
+loss.backward()
+print(json.dumps({"problem": problem, "calls": mamba_calls.calls, "loss": loss.item()}))
+"""
+
+
+@pytest.mark.parametrize("choice", ["auto", "off"])
+def test_mamba_kernel_lookup_is_the_one_transformers_makes(tmp_path, choice):
+    """Stand-in packages named mamba_ssm and causal_conv1d (no CUDA here) whose mamba_inner_fn records the call
+    and returns None, which makes transformers' MambaMixer fall through to its PyTorch path: with them importable,
+    mamba_kernels_problem() says the kernels are there and transformers really calls mamba_ssm's function;
+    after hide_mamba_kernels() (`--mamba_kernels off`) both say no, and training still runs."""
+    import subprocess
+    import sys
+    pkg = tmp_path / "mamba_ssm" / "ops"
+    pkg.mkdir(parents=True)
+    (tmp_path / "mamba_ssm" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (tmp_path / "mamba_calls.py").write_text("calls = []\n")
+    # each stand-in records its call and computes with transformers' own reference function (its __wrapped__);
+    # the explicit parameters matter: transformers passes a kernel only the keywords its signature names
+    reference = "from transformers.models.mamba import modeling_mamba as m\n"
+    (pkg / "selective_scan_interface.py").write_text(
+        "import mamba_calls\n"
+        "def mamba_inner_fn(xz, *args, **kwargs):\n    mamba_calls.calls.append('inner')\n    return None\n"
+        "def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,\n"
+        "                      return_last_state=False):\n    mamba_calls.calls.append('scan')\n    " + reference +
+        "    return m.mamba_selective_scan.__wrapped__(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,\n"
+        "        delta_softplus=delta_softplus, return_last_state=return_last_state)\n")
+    (tmp_path / "causal_conv1d").mkdir()
+    (tmp_path / "causal_conv1d" / "__init__.py").write_text(
+        "import mamba_calls\n"
+        "def causal_conv1d_fn(x, weight, bias=None, activation=None):\n    mamba_calls.calls.append('conv')\n    "
+        + reference + "    return m.causal_conv1d_fn.__wrapped__(x, weight, bias, activation=activation)\n")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{Path(fastpath.__file__).parents[1]}"}
+    proc = subprocess.run([sys.executable, "-c", _FAKE_KERNELS_PROBE, choice], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    layers = get_preset("mamba_tiny").config["num_hidden_layers"]
+    if choice == "auto":  # the fused inner function first (None: fall through), then the conv and scan kernels
+        assert out["problem"] is None and out["calls"] == ["inner", "conv", "scan"] * layers, out
+    else:
+        assert "mamba_ssm" in out["problem"] and out["calls"] == [], out
+    assert out["loss"] > 0
+
+
+def test_mamba_suite_orchestration(tmp_path, monkeypatch):
+    """`--suite mamba` with stand-in launches: the kernel run at 8 x 2048 is checked for MFU, the short runs
+    differ only in --mamba_kernels, and their loss table is labelled by path."""
+    monkeypatch.setattr(bench, "gpu_names", lambda: ["NVIDIA H200"])
+    monkeypatch.setattr(bench.Bench, "prebuild", lambda self, builder, wait: None)
+    launched = []
+
+    def fake_launch(self, result, cmd, env, done, first, kill_when_done):
+        arg = dict(zip(cmd, cmd[1:]))
+        launched.append((result.name, cmd))
+        result.log = str(tmp_path / f"{result.name}.log")
+        open(result.log, "w").write("dsfleet: x (1.0M params), 1 rank(s) via deepspeed, ZeRO-2, bf16, ...\n")
+        tps = 60e3 if "pytorch" not in result.name else 300.0
+        run_dir = Path(arg["--output_dir"])
+        run_dir.mkdir(parents=True)
+        rows = [{"step": s, "loss": 10.9 - 0.01 * s + (1e-3 if "pytorch" in result.name else 0), "tokens_per_s": tps,
+                 "tflops": tps * 8.3e9 / 1e12, "peak_mem_bytes": 30 * 2**30} for s in range(1, int(arg["--max_steps"]) + 1)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return True
+
+    monkeypatch.setattr(bench.Bench, "launch", fake_launch)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--suite", "mamba", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert bench.run(args) == 0, (tmp_path / "out" / "results.md").read_text()
+    cmds = {n: " ".join(c) for n, c in launched}
+    assert list(cmds) == ["dsfleet_kernels", "dsfleet_kernels_short", "dsfleet_pytorch_scan_short"]
+    assert "--per_device_train_batch_size 8 --block_size 2048" in cmds["dsfleet_kernels"]
+    assert "--mamba_kernels on" in cmds["dsfleet_kernels"] and "--compile false" in cmds["dsfleet_kernels"]
+    assert cmds["dsfleet_kernels_short"].replace("--mamba_kernels on", "--mamba_kernels off").split("--output_dir")[0] \
+        .replace(str(tmp_path), "") .split("--master_port")[0] == \
+        cmds["dsfleet_pytorch_scan_short"].split("--output_dir")[0].replace(str(tmp_path), "").split("--master_port")[0]
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    checks = checks_of(doc)
+    assert checks["kernels MFU (6N + scan FLOPs), micro-batch 8 x 2048"]["value"] == pytest.approx(60e3 * 8.3e9 / 1e12 / 989)
+    assert checks["kernels / pure-PyTorch scan tokens/s, micro-batch 4 x 128"]["value"] == pytest.approx(200)
+    assert len(doc["loss_curves"]["mamba"]) == 16
+    assert "| step | pure-PyTorch scan | kernels | rel. diff |" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_gap_report_finds_the_host_bound_stretch():

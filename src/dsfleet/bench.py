@@ -15,6 +15,9 @@ dense bf16 peak. Suites (issue 8's measurements):
              time from launch to the first finished step (if the first launch, cold torch.compile cache, takes
              over 60 s, the same command is launched again: compiled kernels from the on-disk cache).
   scaling    GPT-2 XL fast path on 1, 2, 4 ... --gpus GPUs, same per-GPU batch: tokens/s per GPU, ratio to 1 GPU.
+  mamba      mamba_1b, ZeRO-2 bf16: the mamba_ssm / causal_conv1d CUDA kernels at micro-batch 8 x 2048 (MFU), and
+             kernels against transformers' pure-PyTorch scan (`--mamba_kernels on|off`) at 4 x 128, where the
+             scan gets through steps: tokens/s ratio and the loss curves (same seed, stated tolerance).
   cpu_smoke  gpt2_tiny on one CPU rank, a few steps: the gpt2_xl suite's three runs in miniature (tests, laptops).
   all        gpt2_xl, t5_3b and scaling.
 
@@ -44,10 +47,11 @@ from typing import Any
 
 from dsfleet.cli import fail
 
-SUITES = ("gpt2_xl", "t5_3b", "scaling", "all", "cpu_smoke")
+SUITES = ("gpt2_xl", "t5_3b", "scaling", "mamba", "all", "cpu_smoke")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
                     "A800": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16 per device, vendor spec sheets
-TARGETS = {"gpt2_mfu": 0.40, "gpt2_vs_hf": 2.1, "t5_vs_hf": 3.0, "t5_first_step_s": 60.0, "scaling_per_gpu": 0.92}
+TARGETS = {"gpt2_mfu": 0.40, "gpt2_vs_hf": 2.1, "t5_vs_hf": 3.0, "t5_first_step_s": 60.0, "scaling_per_gpu": 0.92,
+           "mamba_mfu": 0.25}
 LOSS_RTOL = {"bf16": 2e-2, "fp32": 1e-4}  # fast vs plain path, every logged step, same seed (see docs/benchmarks.md)
 # the stock path: transformers' model as it is (SDPA as transformers picks it, its own loss), DeepSpeed's own
 # gradient checks, Python's own garbage collector
@@ -167,6 +171,7 @@ class Bench:
         self.checks: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.loss_tables: dict[str, list[tuple[int, float, float, float]]] = {}
+        self.loss_names: dict[str, list[str]] = {}  # the two runs of each loss table (default: plain, fast)
         self.prebuilt: dict[str, Any] = {}
         self.background: dict[str, subprocess.Popen] = {}
         self.started = time.time()
@@ -275,6 +280,24 @@ class Bench:
                      if one and one.ok and by_n[n].ok else None)
             what = f"tokens/s per GPU at {n} GPUs / at 1 GPU" + ("" if n >= 4 else " (issue 8 sets the target at 4)")
             self.check(suite, what, value, TARGETS["scaling_per_gpu"], fmt="{:.1%}")
+
+    def suite_mamba(self) -> None:
+        suite = "mamba"
+        flags = ["--zero", "2", "--compile", "false", *shlex.split(self.args.dsfleet_args)]
+        long = self.workload(Workload("mamba_1b", 8, block_size=2048))
+        kernels = self.run_dsfleet(suite, "dsfleet_kernels", long, 1, [*flags, "--mamba_kernels", "on"],
+                                   "ZeRO-2, mamba_ssm + causal_conv1d kernels", fast=True)
+        self.check(suite, "kernels MFU (6N + scan FLOPs), micro-batch 8 x 2048", kernels.mfu, TARGETS["mamba_mfu"],
+                   fmt="{:.1%}")
+        # the pure-PyTorch scan's backward grows with the square of the length (17.8 tokens/s at 1 x 2048): the
+        # comparison runs both paths at a length it gets through, pure-PyTorch last (the slowest, most at risk)
+        short = self.workload(Workload("mamba_1b", 4, block_size=128, steps=16, warmup=3))
+        fast = self.run_dsfleet(suite, "dsfleet_kernels_short", short, 1, [*flags, "--mamba_kernels", "on"],
+                                "ZeRO-2, kernels", fast=True)
+        scan = self.run_dsfleet(suite, "dsfleet_pytorch_scan_short", short, 1, [*flags, "--mamba_kernels", "off"],
+                                "ZeRO-2, transformers' pure-PyTorch scan")
+        self.check_ratio(suite, "kernels / pure-PyTorch scan tokens/s, micro-batch 4 x 128", fast, scan, None)
+        self.compare_losses(suite, scan, fast, "bf16", names=("pure-PyTorch scan", "kernels"))
 
     def fast_flags(self, family: str) -> list[str]:
         flags = ["--compile", "true" if self.compile_for(family) else "false"]
@@ -472,14 +495,16 @@ class Bench:
         value = a.tokens_per_s / b.tokens_per_s if a.ok and b.ok and b.tokens_per_s else None
         self.check(suite, what, value, target, fmt="{:.2f}x")
 
-    def compare_losses(self, suite: str, plain: Result, fast: Result, precision: str) -> None:
+    def compare_losses(self, suite: str, plain: Result, fast: Result, precision: str,
+                       names: tuple[str, str] = ("plain", "fast")) -> None:
         rtol = LOSS_RTOL[precision]
         steps = sorted(set(plain.losses) & set(fast.losses))
         rows = [(s, plain.losses[s], fast.losses[s], abs(fast.losses[s] - plain.losses[s]) / abs(plain.losses[s]))
                 for s in steps]
         self.loss_tables[suite] = rows
+        self.loss_names[suite] = list(names)
         worst = max((r[3] for r in rows), default=None)
-        self.checks.append({"suite": suite, "what": f"loss curve fast vs plain, max relative difference over "
+        self.checks.append({"suite": suite, "what": f"loss curve {names[1]} vs {names[0]}, max relative difference over "
                             f"{len(rows)} steps ({precision}, same seed)", "value": worst, "target": rtol,
                             "below": True, "fmt": "{:.1e}", "pass": None if worst is None else worst <= rtol})
 
@@ -511,7 +536,8 @@ class Bench:
     def write(self) -> None:
         doc = {"environment": self.environment(), "results": [dict(asdict(r), tokens_per_s_per_gpu=r.tokens_per_s_per_gpu)
                                                               for r in self.results],
-               "checks": self.checks, "loss_curves": self.loss_tables, "notes": self.notes}
+               "checks": self.checks, "loss_curves": self.loss_tables, "loss_curve_names": self.loss_names,
+               "notes": self.notes}
         (self.out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
         (self.out / "results.md").write_text(markdown(doc))
 
@@ -542,8 +568,9 @@ def markdown(doc: dict[str, Any]) -> str:
         verdict = {True: "PASS", False: "FAIL", None: ""}[c["pass"]]
         lines.append(f"| {c['suite']} | {c['what']} | {num(c['value'], c['fmt'])} | {target} | {verdict} |")
     for suite, rows in doc["loss_curves"].items():
-        lines += ["", f"Loss curve, {suite}: plain vs fast path (same seed, same data)", "",
-                  "| step | plain | fast | rel. diff |", "| ---: | ---: | ---: | ---: |"]
+        a_name, b_name = doc.get("loss_curve_names", {}).get(suite, ("plain", "fast"))
+        lines += ["", f"Loss curve, {suite}: {a_name} vs {b_name} (same seed, same data)", "",
+                  f"| step | {a_name} | {b_name} | rel. diff |", "| ---: | ---: | ---: | ---: |"]
         lines += [f"| {s} | {a:.5f} | {b:.5f} | {d:.1e} |" for s, a, b, d in rows]
     if doc["notes"]:
         lines += ["", "Notes:"] + [f"- {n}" for n in doc["notes"]]

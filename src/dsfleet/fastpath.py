@@ -310,7 +310,10 @@ def apply(model, spec, family: str, zero_stage: int) -> FastPath:
             install_fused_loss(model, family)
             fast.parts.append("fused chunked cross-entropy")
     if family == "mamba":
-        _mamba_scan(fast, on_gpu=next(model.parameters()).device.type == "cuda")
+        _mamba_scan(fast, on_gpu=next(model.parameters()).device.type == "cuda", choice=spec.mamba_kernels)
+        if zero_stage == 3:
+            fast.parts.append(f"ZeRO-3 gathers for {gather_mamba_mixer_weights(model)} Mamba mixers the weights they "
+                              "read directly")
     if spec.compile:
         fast.parts.append(f"torch.compile of {compile_blocks(model)} blocks")
         if "fused chunked cross-entropy" in fast.parts:
@@ -319,28 +322,71 @@ def apply(model, spec, family: str, zero_stage: int) -> FastPath:
     return fast
 
 
-MAMBA_KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
+# The import names transformers' Mamba resolves (mamba_ssm, causal_conv1d) and their compiled halves, which are
+# what fails to import when the packages are present but were not built for this torch/CUDA.
+MAMBA_KERNEL_MODULES = ("mamba_ssm", "causal_conv1d", "selective_scan_cuda", "causal_conv1d_cuda")
 
 
-def mamba_kernels_installed() -> bool:
-    """transformers' Mamba calls the selective-scan / causal-conv1d CUDA kernels when these packages import
-    (it resolves them when modeling_mamba is imported) and its pure-PyTorch scan otherwise."""
-    import importlib.util
-    return all(importlib.util.find_spec(name) is not None for name in MAMBA_KERNEL_PACKAGES)
+def mamba_kernels_problem() -> str | None:
+    """Why transformers' Mamba would not run the mamba_ssm / causal_conv1d CUDA kernels here, or None when it
+    would. transformers (5.x) imports the packages when modeling_mamba is first imported and keeps its
+    pure-PyTorch functions wherever an import fails; this makes the same imports, so it answers for the model
+    the run builds (call it before or after; the answer is the same)."""
+    import importlib
+    try:
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn  # noqa: F401
+        importlib.import_module("causal_conv1d").causal_conv1d_fn  # noqa: B018
+    except Exception as e:  # ImportError, or a library built for another torch (undefined symbol: OSError)
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+    return None
 
 
-def _mamba_scan(fast: FastPath, on_gpu: bool) -> None:
-    if on_gpu and mamba_kernels_installed():
+def hide_mamba_kernels() -> None:
+    """`--mamba_kernels off`: make mamba_ssm / causal_conv1d unimportable in this process, so that transformers'
+    Mamba keeps its pure-PyTorch scan (the reference path, for comparisons) even where the kernels are installed.
+    Must run before transformers' modeling_mamba is imported: it resolves the kernels once, at import."""
+    import sys
+    if "transformers.models.mamba.modeling_mamba" in sys.modules:
+        raise RuntimeError("internal: hide_mamba_kernels() after transformers' Mamba module was imported")
+    for name in MAMBA_KERNEL_MODULES:
+        sys.modules[name] = None  # `import name` now raises ImportError
+
+
+def _mamba_scan(fast: FastPath, on_gpu: bool, choice: str = "auto") -> None:
+    problem = mamba_kernels_problem() if on_gpu else "CPU run"
+    if problem is None:
         fast.tags["mamba_scan"] = "cuda_kernels"
         fast.parts.append("Mamba selective scan + causal conv1d CUDA kernels")
         return
     fast.tags["mamba_scan"] = "pytorch"
+    if choice == "off":
+        fast.skipped.append("Mamba CUDA kernels (--mamba_kernels off): pure-PyTorch scan")
+        return
     if on_gpu:
         fast.warnings.append(
-            "warning: mamba_ssm / causal_conv1d are not installed — Mamba runs transformers' pure-PyTorch scan, which "
-            "materialises the (batch, d_inner, seq, d_state) state tensors and is several times slower and larger "
-            "than the fused kernels; install them (the image builds them for CUDA_ARCH) for real runs")
-    fast.skipped.append("Mamba CUDA kernels (" + ("not installed" if on_gpu else "CPU run") + "): pure-PyTorch scan")
+            f"warning: mamba_ssm / causal_conv1d kernels unavailable ({problem}) — Mamba runs transformers' "
+            "pure-PyTorch scan, which materialises the (batch, d_inner, seq, d_state) state tensors and is several "
+            "times slower and larger than the fused kernels; install them (docker/install.sh mamba builds them "
+            "for CUDA_ARCH) for real runs")
+    fast.skipped.append("Mamba CUDA kernels (" + ("unavailable" if on_gpu else "CPU run") + "): pure-PyTorch scan")
+
+
+def gather_mamba_mixer_weights(model) -> int:
+    """ZeRO-3 gathers a module's parameters for that module's own forward and backward only. transformers'
+    MambaMixer reads its x_proj, dt_proj, out_proj and conv1d weights as tensors (the fused kernel takes them all;
+    the PyTorch path dt_proj's and conv1d's) instead of calling those modules, so at stage 3 it would see empty
+    partitions (seen on an H200: 'size of tensor a (0) must match ... (16)'). Registered as the mixer's external
+    parameters, DeepSpeed gathers them around the mixer's forward and backward."""
+    import deepspeed
+    register_external_parameter = deepspeed.zero.register_external_parameter
+    mixers = 0
+    for module in model.modules():
+        if type(module).__name__ == "MambaMixer":
+            for child in (module.x_proj, module.dt_proj, module.out_proj, module.conv1d):
+                for param in child.parameters(recurse=False):
+                    register_external_parameter(module, param)
+            mixers += 1
+    return mixers
 
 
 def compile_loss() -> None:
@@ -348,3 +394,16 @@ def compile_loss() -> None:
     global _compiled_ce
     _compiled_ce = torch.compile(_ce_math, backend=os.environ.get("DSFLEET_COMPILE_BACKEND", "inductor"),
                                  dynamic=False)
+
+
+def choose_mamba_scan(spec, family: str, has_gpu: bool) -> None:
+    """--mamba_kernels: off hides the kernel packages before transformers' Mamba is imported (it picks its scan at
+    import); on requires them on a GPU (one line otherwise); auto uses them where they import."""
+    if spec.mamba_kernels == "off":
+        hide_mamba_kernels()
+    elif spec.mamba_kernels == "on" and family == "mamba":
+        from dsfleet.cli import fail
+        problem = "no GPU visible" if not has_gpu else mamba_kernels_problem()
+        if problem:
+            fail(f"--mamba_kernels on, but the mamba_ssm / causal_conv1d CUDA kernels cannot run here ({problem}) — "
+                 "build them for this GPU (docker/install.sh mamba with CUDA_ARCH set) or pass --mamba_kernels auto")

@@ -127,6 +127,9 @@ class RunSpec(BaseModel):
     compile: bool = Field(False, description="torch.compile of each repeated block (ZeRO 0-2)")
     fused_grad_checks: bool = Field(True, description="ZeRO-1/2's per-tensor overflow check and clip norm as "
                                     "multi-tensor kernels")
+    mamba_kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="Mamba's selective scan and causal conv1d as the mamba_ssm / causal_conv1d CUDA kernels; "
+        "auto: when they import on a GPU; on: required (else one line); off: transformers' pure-PyTorch scan")
     gc_interval: int = Field(50, ge=0, description="Python's garbage collector at every N-th step boundary, not "
                              "mid-step; 0: Python's own")
     # checkpoints, logging

@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m dsfleet.train") -
 
 def train(spec) -> int:
     # ---- 1. what to train, where, with what: every check before the first byte is written ---------------
-    from dsfleet import checkpoint, data, dist_env, models, rundir, runtime, schedule
+    from dsfleet import checkpoint, data, dist_env, fastpath, models, rundir, runtime, schedule
     from dsfleet.resolve import Hardware, describe, resolve
     denv = dist_env.setup()
     world = spec.planned_world_size(denv.world_size)  # --num_gpus N: a dry run / memory check plans for N ranks
     source = models.resolve_source(spec)
+    fastpath.choose_mamba_scan(spec, source.family, runtime.has_gpu())  # before transformers' Mamba is imported
     models.check_weights(spec)
     if not (spec.do_train or spec.do_eval or spec.do_predict):
         spec.do_train = True
@@ -65,7 +66,6 @@ def train(spec) -> int:
     runtime.seed_everything(spec.seed)
 
     # ---- 2. model and engine ----------------------------------------------------------------------------
-    from dsfleet import fastpath
     from dsfleet.metrics import FlopCounter, MetricsLog, batch_tokens, live_memory
     import deepspeed
     collate = data.Collator(pad_id=tokenizer.pad_token_id if tokenizer is not None else 0, seq2seq=source.seq2seq)
