@@ -67,12 +67,7 @@ def hf_trainer_fill(user: dict, spec, *, world: int = WORLD) -> dict:
     return hf.config
 
 
-def leaves(node, prefix=""):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from leaves(v, f"{prefix}{k}.")
-    else:
-        yield prefix.rstrip("."), node
+leaves = dsconfig.leaves
 
 
 def with_scheduler(user: dict, type_: str, params: dict) -> dict:

@@ -219,6 +219,29 @@ def load(engine, tag_dir: Path, *, rank: int, load_optimizer: bool = True) -> di
     return state
 
 
+def for_world_size(tag_dir: Path | None, ds_config: dict[str, Any], world_size: int, *, rank: int) -> Path | None:
+    """The checkpoint to resume on this world size: the saved one, or (saved by another world size) its universal
+    conversion, with DeepSpeed told to load it as such."""
+    if tag_dir is None or saved_world_size(tag_dir) == world_size:
+        return tag_dir
+    ds_config["checkpoint"] = {"load_universal": True}
+    return to_universal(tag_dir, rank=rank)  # ZeRO shards re-cut for this world
+
+
+def resume(engine, tag_dir: Path, order, run_state: dict[str, Any], *, rank: int) -> int:
+    """Restore the engine and the data position from a checkpoint; rank 0 says where and what the resuming run
+    changes (world size, global batch, LR schedule). Returns the step to continue from."""
+    state = load(engine, tag_dir, rank=rank)
+    if order is not None:
+        order.load_state(state["data"])
+    if rank == 0:
+        print(f"dsfleet: resumed from {tag_dir} at step {state['step']}", flush=True)
+        changed = resume_changes(state, run_state)
+        if changed:
+            print(f"dsfleet: {changed}", flush=True)
+    return int(state["step"])
+
+
 def saved_world_size(tag_dir: Path) -> int:
     return int(json.loads((tag_dir / STATE_FILE).read_text()).get("world_size", 1))
 

@@ -292,7 +292,7 @@ def fill_auto(user: dict[str, Any], spec, *, world_size: int, hidden_size: int, 
             node[leaf] = value
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         cfg.setdefault(key, values[key])
-    left = [k for k, v in _walk(cfg) if v == "auto"]
+    left = [k for k, v in leaves(cfg) if v == "auto"]
     if left:
         fail(f"DeepSpeed config has \"auto\" for {', '.join(left)}, which dsfleet cannot fill — set a value")
     scheduler = cfg.get("scheduler")
@@ -323,10 +323,11 @@ def cpu_rank_optimizer(config: dict[str, Any], *, on_cpu: bool) -> dict[str, Any
     return config
 
 
-def _walk(node, prefix=""):
+def leaves(node, prefix=""):
+    """(dotted.key, value) for every leaf of a nested config."""
     if isinstance(node, dict):
         for k, v in node.items():
-            yield from _walk(v, f"{prefix}{k}.")
+            yield from leaves(v, f"{prefix}{k}.")
     else:
         yield prefix.rstrip("."), node
 

@@ -71,9 +71,7 @@ def train(spec) -> int:
     collate = data.Collator(pad_id=tokenizer.pad_token_id if tokenizer is not None else 0, seq2seq=source.seq2seq)
     model = models.build_for_run(spec, source, tokenizer, ds_config, zero_stage, accel)
     fast = fastpath.apply(model, spec, source.family, zero_stage)  # fused loss/GELU, compile: same math
-    if resume_dir is not None and checkpoint.saved_world_size(resume_dir) != denv.world_size:
-        resume_dir = checkpoint.to_universal(resume_dir, rank=denv.rank)  # ZeRO shards re-cut for this world
-        ds_config["checkpoint"] = {"load_universal": True}
+    resume_dir = checkpoint.for_world_size(resume_dir, ds_config, denv.world_size, rank=denv.rank)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds_config,
                                            lr_scheduler=schedule.client_scheduler(spec, total_steps, ds_config))
@@ -92,15 +90,7 @@ def train(spec) -> int:
     run_state = {"world_size": denv.world_size, "global_batch": ds_config["train_batch_size"],
                  "schedule": schedule.describe(spec, total_steps, ds_config), "total_steps": total_steps,
                  "zero_stage": zero_stage}
-    step = 0
-    if resume_dir is not None:
-        state = checkpoint.load(engine, resume_dir, rank=denv.rank)
-        step = state["step"]
-        order.load_state(state["data"]) if order else None
-        if is_main:
-            print(f"dsfleet: resumed from {resume_dir} at step {step}", flush=True)
-            changed = checkpoint.resume_changes(state, run_state)
-            print(f"dsfleet: {changed}", flush=True) if changed else None
+    step = checkpoint.resume(engine, resume_dir, order, run_state, rank=denv.rank) if resume_dir is not None else 0
 
     log = MetricsLog(out, is_main, total_steps, step, spec.peak_tflops, denv.world_size,
                      show_progress=not spec.no_progress, report_to=spec.report_to, tags=fast.tags)
