@@ -3,7 +3,7 @@
 # runs. Phases, run in the order given (default: build bench 7b), each logging under $OUT:
 #   build   docker/install.sh mamba (CUDA_ARCH, default 9.0) offline from the carried sdists in .whl/, timed, gated by
 #           check-ops.sh mamba; a second run must do nothing. The built packages are packed as
-#           $OUT/mamba-kernels-<versions>-sm90.tgz (in 15 MiB parts .part00 ... when larger: $OUT returns files of
+#           $OUT/mamba-kernels-<versions>-sm90.txz (stripped, xz; in 15 MiB parts .part00 ... when larger: $OUT returns files of
 #           16 MiB at most); later calls carry them in .whl/prebuilt/, where device_env.sh lays them over
 #           /tmp/site. Skipped when such a tarball was carried (MAMBA_REBUILD=1 builds anyway). FusedAdam is
 #           JIT-built meanwhile, in the background, for the runs after it.

@@ -79,7 +79,9 @@ def test_install_bad_input_one_line(tmp_path):
     cases = [({"PYTHON": str(tmp_path / "nope")}, "PYTHON="),
              ({"WHEELHOUSE": str(tmp_path / "missing")}, "WHEELHOUSE="),
              ({"OFFLINE": "1"}, "OFFLINE=1 needs WHEELHOUSE"),
-             ({"DSFLEET_SRC": str(tmp_path)}, "DSFLEET_SRC=")]
+             ({"DSFLEET_SRC": str(tmp_path)}, "DSFLEET_SRC="),
+             ({"DSFLEET_MAMBA_KERNELS": "1"}, "DSFLEET_MAMBA_KERNELS=1 needs a GPU CUDA_ARCH"),  # this venv: CPU
+             ({"DSFLEET_MAMBA_KERNELS": "yes"}, "DSFLEET_MAMBA_KERNELS=yes")]
     for extra, needle in cases:
         env = {**os.environ, "PYTHON": sys.executable, **extra}
         proc = run(["bash", "docker/install.sh"], env=env, timeout=60)
@@ -87,6 +89,9 @@ def test_install_bad_input_one_line(tmp_path):
             (extra, proc.stderr)
     proc = run(["bash", "docker/install.sh", "everything"], env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 2 and "unknown step" in proc.stderr
+    # the Mamba kernels are CUDA only: on the CPU flavour their step does nothing, and says nothing
+    proc = run(["bash", "docker/install.sh", "mamba"], env=dict(os.environ, PYTHON=sys.executable), timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", (proc.stdout, proc.stderr)
 
 
 # ---- this venv: the ops are prebuilt and a second install does nothing --------------------------------------
