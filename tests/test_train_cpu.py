@@ -63,7 +63,8 @@ def test_causal_lm_two_ranks(tmp_path, preset):
 def test_mamba_zero3_from_scratch(tmp_path):
     """ZeRO-3 partitions at construction: transformers' Mamba init (whole-tensor copies into A_log, D, dt_proj) and
     the mixer's direct reads of x_proj/dt_proj/out_proj/conv1d weights both met empty shards (mamba_7b on an H200
-    failed at construction). One CPU process: it trains, and the exported A_log is the S4D init log(1..N)."""
+    failed at construction). One CPU process: it trains, the exported A_log is the S4D init log(1..N), and the
+    embedding has transformers' init (not torch's default)."""
     out = tmp_path / "mz3"
     proc = python_train(["--preset", "mamba_tiny", "--from_scratch", "--synthetic_data", "--zero", "3", "--max_steps", "3",
                          "--block_size", "64", "--per_device_train_batch_size", "2", "--logging_steps", "1",
@@ -78,6 +79,10 @@ def test_mamba_zero3_from_scratch(tmp_path):
     n = a_log.shape[1]
     want = torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand_as(a_log)
     assert torch.allclose(a_log.float(), want, atol=1e-2), a_log[0]  # 3 steps at lr 5e-5 move it by < 1e-3
+    # transformers' own init reached the partitioned weights too: the embedding is N(0, initializer_range), not
+    # torch's N(0, 1) default that a bare zero.Init left behind (mamba_7b started at loss 4672 on the H200)
+    std = model.backbone.embeddings.weight.float().std().item()
+    assert abs(std - model.config.initializer_range) < 0.3 * model.config.initializer_range, std
 
 
 def test_single_cpu_process_gradient_accumulation(tmp_path):

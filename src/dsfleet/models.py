@@ -5,7 +5,6 @@ Weights come from `from_pretrained(path)` (a local dir, or the hub when reachabl
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -57,39 +56,13 @@ def count_parameters(preset, **overrides) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@contextlib.contextmanager
-def zero3_construction(family_name: str):
-    """Around building a model inside deepspeed.zero.Init: transformers' Mamba initialises its mixers by copying
-    whole tensors into A_log, D and dt_proj's bias (init_mamba_weights), which zero.Init has already partitioned to
-    empty shards ('size of tensor a (0) must match ... (16)', mamba_7b on one H200). Here that method runs on the
-    gathered parameters (rank 0's values are kept: every rank starts from the same init); other families unchanged."""
-    if family_name != "mamba":
-        yield
-        return
-    import deepspeed
-    from transformers.models.mamba import modeling_mamba
-    mixer = modeling_mamba.MambaMixer
-    upstream = mixer.init_mamba_weights
-
-    def gathered(self):
-        params = [self.A_log, self.D, *self.dt_proj.parameters()]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            upstream(self)
-
-    mixer.init_mamba_weights = gathered
-    try:
-        yield
-    finally:
-        mixer.init_mamba_weights = upstream
-
-
 def load_model(preset, model_name_or_path: str | None, from_scratch: bool, config_overrides: dict | None = None,
                gradient_checkpointing: bool = False, attn_implementation: str | None = None):
     fam = family(preset.family)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if from_scratch:
         config = build_config(preset, **(config_overrides or {}))
-        model = fam.model_cls._from_config(config, **kwargs) if kwargs else fam.model_cls(config)
+        model = fam.model_cls._from_config(config, **kwargs)  # (not the constructor: it knows ZeRO-3's init)
     else:
         model = fam.model_cls.from_pretrained(model_name_or_path, **kwargs)
     if gradient_checkpointing:
@@ -196,14 +169,17 @@ def build_for_run(spec, source: ModelSource, tokenizer, ds_config: dict, zero_st
 
     keep_alive = None
     if zero_stage == 3:
-        import deepspeed
         import torch._dynamo  # noqa: F401 — imported inside zero.Init, its polyfills trip over the patched Tensor.__new__
         family(source.family)  # import the model classes outside the patched context too
-        if spec.from_scratch:
-            with deepspeed.zero.Init(config_dict_or_path=ds_config), zero3_construction(source.family):
-                return load()
         from transformers.integrations import HfDeepSpeedConfig
-        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 — from_pretrained reads it while alive
+        # while it is alive transformers builds under deepspeed.zero.Init itself and runs its weight init on gathered
+        # parameters; a bare zero.Init left every partitioned weight at torch's default (embeddings N(0, 1))
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841
+        if spec.from_scratch:
+            try:
+                return load()  # Mamba's init_mamba_weights included: it runs inside transformers' gathering
+            finally:
+                del keep_alive
     on_cpu = accel.device_name() == "cpu"
     device = None if on_cpu or not spec.from_scratch else torch.device(accel.current_device_name())
     try:
