@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make bench`: one call on a GPU box — dsfleet against HF Trainer + DeepSpeed, side by side (dsfleet/bench.py).
+# `make bench`: one call on a GPU box — dsfleet against HF Trainer + DeepSpeed, side by side (dsfleet/bench/).
 # scripts/device_env.sh installs the carried wheels (and a prebuilt DeepSpeed when carried), runs dsfleet from
 # source, and writes results.json, results.md and per-run logs to $OUT. Arguments pass through to `dsfleet bench`:
 #   bash scripts/bench.sh                               # --suite all: gpt2_xl, t5_3b, scaling (1 GPU here)

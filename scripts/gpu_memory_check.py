@@ -21,8 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
+
+from dsfleet.bench import runner  # the launch/poll/kill loop, metrics reader and free port of `dsfleet bench`
 
 GiB = 2**30
 STEPS = 3
@@ -57,10 +57,11 @@ MIN_RUN_S = 45  # do not start a run with less budget than this left
 
 def gpu_info() -> dict:
     """Name and total memory from nvidia-smi: the parent must not create a CUDA context of its own."""
+    rows = runner.gpu_query("name", "memory.total")
+    if not rows:
+        return {"name": "unknown (nvidia-smi lists no GPU)", "total_bytes": 80 * GiB}
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
-        name, mib = [x.strip() for x in out.split(",")]
+        name, mib = rows[0]
         return {"name": name, "total_bytes": int(float(mib)) * 2**20}
     except Exception as e:  # noqa: BLE001 — reported, the runs still happen
         return {"name": f"unknown ({e.__class__.__name__})", "total_bytes": 80 * GiB}
@@ -110,73 +111,42 @@ def command(cfg: dict, out_dir: Path, defaults: dict, fraction: float | None) ->
     return cmd
 
 
-def read_rows(path: Path) -> list[dict]:
-    rows = []
-    try:
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a row being written
-    except FileNotFoundError:
-        pass
-    return rows
-
-
 def card_fraction(cfg: dict, total_bytes: int) -> float | None:
     """The share of this GPU that leaves `card_gb` GiB to the process: 24 GiB of an H200's 140 GiB is 0.17, not
     24/80 (which is what an 80 GB card would need and leaves 42 GiB on an H200)."""
     return min(1.0, cfg["card_gb"] * GiB / total_bytes) if cfg.get("card_gb") else None
 
 
-def run_one(cfg: dict, index: int, work: Path, logs: Path, defaults: dict, timeout: float,
+def run_one(cfg: dict, work: Path, logs: Path, defaults: dict, timeout: float,
             total_bytes: int) -> dict:
     out_dir = work / cfg["name"]
     fraction = card_fraction(cfg, total_bytes)
     cmd = command(cfg, out_dir, defaults, fraction)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29650 + index),
-               PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = runner.source_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                            TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(runner.free_port()))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
     log_path = logs / f"{cfg['name']}.log"
-    start = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
-                                start_new_session=True)
-        status = None
-        while True:
-            rows = [r for r in read_rows(out_dir / "metrics.jsonl") if "peak_mem_bytes" in r]
-            if any(r.get("step", 0) >= STEPS for r in rows):
-                status = "completed"
-                break
-            if proc.poll() is not None:
-                status = "exited"
-                break
-            if time.time() - start > timeout:
-                status = "timeout"
-                break
-            time.sleep(0.5)
-        if proc.poll() is None:  # done measuring (or out of time): skip the final checkpoint and export
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
-    elapsed = time.time() - start
+    metrics = out_dir / "metrics.jsonl"
+    # done measuring once the last step's row is written (or out of time): the final checkpoint and export are
+    # skipped (the runner kills the process group)
+    run = runner.launch(cmd, env, log_path, done=lambda: runner.last_step(metrics, "peak_mem_bytes") >= STEPS,
+                        timeout=timeout, poll_s=0.5, cwd=REPO)
     text = log_path.read_text(errors="replace")
-    rows = [r for r in read_rows(out_dir / "metrics.jsonl") if "peak_mem_bytes" in r]
+    rows = [r for r in runner.read_rows(metrics) if "peak_mem_bytes" in r]
     oom = "out of memory" in text.lower() or "outofmemoryerror" in text.lower()
-    if status == "exited" and rows and max(r.get("step", 0) for r in rows) >= STEPS:
+    if run.reached:
         status = "completed"
-    elif status == "exited":
-        status = "oom" if oom else f"failed (rc {proc.returncode})"
+    elif run.timed_out:
+        status = "timeout"
+    else:
+        status = "oom" if oom else f"failed (rc {run.rc})"
     lines = text.splitlines()
     # what the run actually used: dsfleet's fast-path line, transformers' kernel fallbacks (Mamba's scan)
     notes = sorted({line.strip()[:200] for line in lines if "fast path:" in line or "falling back to" in line})
     log_path.write_text("\n".join(lines[-80:]) + "\n")  # keep what comes back small
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"status": status, "rc": proc.returncode, "seconds": round(elapsed, 1), "command": " ".join(cmd),
+    return {"status": status, "rc": run.rc, "seconds": round(run.wall_s, 1), "command": " ".join(cmd),
             "steps_logged": len(rows),
             "measured_peak_bytes": max((r["peak_mem_bytes"] for r in rows), default=None),
             "measured_reserved_bytes": max((r.get("peak_mem_reserved_bytes", 0) for r in rows), default=None)
@@ -236,7 +206,7 @@ def main() -> int:
     configs = [c for c in CONFIGS if not args.only or c["name"] in args.only.split(",")]
     work = Path(tempfile.mkdtemp(prefix="dsfleet_memcheck_"))
     results = []
-    for i, cfg in enumerate(configs):
+    for cfg in configs:
         card = int(cfg["card_gb"] * GiB) if cfg.get("card_gb") else info["gpu"]["total_bytes"]
         entry = {"config": cfg}
         try:
@@ -252,7 +222,7 @@ def main() -> int:
         elif left < MIN_RUN_S:
             entry.update(status=f"skipped ({left:.0f}s of budget left)")
         else:
-            entry.update(run_one(cfg, i, work, out / "logs", defaults, min(args.timeout, left - 5),
+            entry.update(run_one(cfg, work, out / "logs", defaults, min(args.timeout, left - 5),
                                 info["gpu"]["total_bytes"]))
         results.append(entry)
         meas = entry.get("measured_peak_bytes")

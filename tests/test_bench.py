@@ -128,9 +128,9 @@ def test_gpu_suites_orchestration(tmp_path, monkeypatch):
     """`--suite all` on a (pretend) 2-GPU H100 box with every launch replaced by a stand-in that writes what the
     real run would (dsfleet's metrics.jsonl and log lines, the baseline's result JSON): which runs the bench makes
     with which flags, how it reads them back, the ratios and target checks, the retry of a failed compiled run."""
-    monkeypatch.setattr(bench, "gpu_names", lambda: ["NVIDIA H100 80GB HBM3"] * 2)
+    monkeypatch.setattr(bench.suites, "gpu_names", lambda: ["NVIDIA H100 80GB HBM3"] * 2)
     monkeypatch.setattr(bench.Bench, "prebuild", lambda self, builder, wait: None)
-    monkeypatch.setattr(bench, "planner_zero", lambda: ("auto", "planner's choice (--zero auto)"))
+    monkeypatch.setattr(bench.suites, "planner_zero", lambda: ("auto", "planner's choice (--zero auto)"))
     per_gpu = {"hf_trainer_zero2": 18e3, "dsfleet_plain": 19e3, "dsfleet_fast": 36e3, "dsfleet_fast_relaunch": 40e3,
                "dsfleet_planner_retry": 9.5e3,
                "hf_trainer_zero3_seed": 3e3, "dsfleet_fast_2gpu": 39e3}
@@ -205,6 +205,57 @@ def test_gpu_suites_orchestration(tmp_path, monkeypatch):
     assert loss["target"] == 2e-2 and loss["pass"] and len(doc["loss_curves"]["gpt2_xl"]) == 20
     md = (tmp_path / "out" / "results.md").read_text()
     assert "failed, measured again" in md and "without torch.compile" in md and "2 x NVIDIA H100" in md
+
+
+_RUN_STAND_IN = r"""
+import json, subprocess, sys, time
+from pathlib import Path
+metrics = Path(sys.argv[1])
+print("stand-in started", flush=True)
+rank = subprocess.Popen(["sleep", "300"])  # a 'rank' in the launcher's process group
+Path(sys.argv[2]).write_text(str(rank.pid))
+with open(metrics, "w") as f:
+    for step in (1, 2, 3):
+        f.write(json.dumps({"step": step, "loss": 1.0 / step, "tokens_per_s": 100.0 * step}) + "\n")
+    f.write('{"step": 4, "lo')  # a row being written
+    f.flush()
+    time.sleep(int(sys.argv[3]))
+sys.exit(3)
+"""
+
+
+def test_runner_stops_the_whole_group_once_done(tmp_path):
+    """The one launch/poll/kill loop of `dsfleet bench` and scripts/gpu_memory_check.py, on a real process tree
+    (no DeepSpeed: a stand-in that writes metrics rows and leaves a child 'rank' asleep): killed with its rank
+    as soon as the last step is logged, stopped at the deadline when it never gets there, and its own exit
+    status when it ends first; the metrics reader skips a half-written row."""
+    import os
+    import sys
+    from dsfleet.bench import runner
+    metrics, pid_file = tmp_path / "metrics.jsonl", tmp_path / "rank.pid"
+
+    def start(steps_wanted, linger, timeout):
+        return runner.launch([sys.executable, "-c", _RUN_STAND_IN, str(metrics), str(pid_file), str(linger)],
+                             runner.source_env(), tmp_path / "run.log",
+                             done=lambda: runner.last_step(metrics) >= steps_wanted, timeout=timeout,
+                             first=lambda: metrics.stat().st_mtime if metrics.exists() else None)
+
+    run = start(3, linger=300, timeout=60)
+    assert run.reached and not run.timed_out and run.rc == -9 and run.wall_s < 30, run
+    assert run.first_at is not None and run.started <= run.first_at <= run.started + run.wall_s
+    rank = int(pid_file.read_text())
+    state = Path(f"/proc/{rank}/status")
+    assert not state.exists() or "zombie" in state.read_text(), "the rank outlived its launcher's kill"
+    assert "stand-in started" in (tmp_path / "run.log").read_text()
+    rows = runner.read_rows(metrics)
+    assert [r["step"] for r in rows] == [1, 2, 3] and runner.last_step(metrics) == 3
+    assert runner.step_seconds(rows, 200) == [2.0, 1.0, pytest.approx(2 / 3)]
+    run = start(5, linger=300, timeout=3)  # never logs step 5
+    assert run.timed_out and not run.reached and run.rc == -9 and 3 <= run.wall_s < 30, run
+    run = start(5, linger=0, timeout=60)  # ends on its own first
+    assert run.rc == 3 and not run.reached and not run.timed_out, run
+    assert 0 < runner.free_port() < 65536
+    assert runner.source_env()["PYTHONPATH"].split(os.pathsep)[0] == str(Path(bench.__file__).parents[2])  # src/
 
 
 def cmds_equal(launched, a: str, b: str) -> bool:
@@ -302,7 +353,7 @@ def test_mamba_kernel_lookup_is_the_one_transformers_makes(tmp_path, choice):
 def test_mamba_suite_orchestration(tmp_path, monkeypatch):
     """`--suite mamba` with stand-in launches: the kernel run at 8 x 2048 is checked for MFU, the short runs
     differ only in --mamba_kernels, and their loss table is labelled by path."""
-    monkeypatch.setattr(bench, "gpu_names", lambda: ["NVIDIA H200"])
+    monkeypatch.setattr(bench.suites, "gpu_names", lambda: ["NVIDIA H200"])
     monkeypatch.setattr(bench.Bench, "prebuild", lambda self, builder, wait: None)
     launched = []
 

@@ -1,10 +1,6 @@
-"""`dsfleet bench`: dsfleet's training entry point against HF Trainer + DeepSpeed on the same workload, in one call.
-
-A throughput claim is only worth the baseline it is measured against, so both sides run here, one after the
-other on the same GPUs, with the same model config (random init from a preset: nothing to download), precision,
-ZeRO stage, micro-batch, sequence lengths and synthetic tokens, and both are read the same way: the steps after
-`--warmup`, tokens from the padded batch shapes, FLOPs from dsfleet.metrics.FlopCounter, MFU against the card's
-dense bf16 peak. Suites (issue 8's measurements):
+"""The suites of `dsfleet bench`: what each one runs (presets, shapes, flags, the baseline's DeepSpeed JSON) and
+what it checks against which target. Issue 8's measurements; the launching is dsfleet.bench.runner's, the
+tables dsfleet.bench.report's, so a suite says only what is measured.
 
   gpt2_xl    GPT-2 XL, ZeRO-2 bf16, micro-batch 8 x 1024. HF Trainer with the shipped ZeRO-2 JSON minus its
              optimizer offload; dsfleet's plain path (fast-path flags off); dsfleet's fast path. Ratio fast/HF,
@@ -21,30 +17,29 @@ dense bf16 peak. Suites (issue 8's measurements):
   cpu_smoke  gpt2_tiny on one CPU rank, a few steps: the gpt2_xl suite's three runs in miniature (tests, laptops).
   all        gpt2_xl, t5_3b and scaling.
 
-Every run is a real `deepspeed --module ...` launch whose log lands in OUT/logs/. dsfleet runs are stopped once
-their last step is logged (the end-of-run checkpoint is not part of a throughput run). OUT gets results.json
-and results.md, rewritten after every run so a call cut short still leaves what it measured.
+Both sides run with the same model config (random init from a preset: nothing to download), precision, ZeRO
+stage, micro-batch, sequence lengths and synthetic tokens, and are read the same way: the steps after
+`--warmup`, tokens from the padded batch shapes, FLOPs from dsfleet.metrics.FlopCounter, MFU against the card's
+dense bf16 peak. dsfleet runs are stopped once their last step is logged (the end-of-run checkpoint is not part
+of a throughput run).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
-from importlib import metadata
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dsfleet.bench import runner
+from dsfleet.bench.report import Report, Result, environment, median_ratio
+from dsfleet.bench.runner import free_port, gpu_query, last_error, last_step, read_rows, source_env, step_seconds
 from dsfleet.cli import fail
 
 SUITES = ("gpt2_xl", "t5_3b", "scaling", "mamba", "all", "cpu_smoke")
@@ -87,74 +82,9 @@ class Workload:
         return ["--block_size", str(self.block_size)]
 
 
-@dataclass
-class Result:
-    suite: str
-    name: str
-    tool: str  # "dsfleet" | "hf_trainer"
-    gpus: int
-    ok: bool = False
-    zero_stage: int | None = None
-    config: str = ""
-    tokens_per_s: float | None = None
-    tflops_per_gpu: float | None = None
-    mfu: float | None = None
-    peak_mem_gib: float | None = None
-    first_step_s: float | None = None
-    wall_s: float | None = None
-    step_ms: list[float] = field(default_factory=list)  # each timed step's wall time (dsfleet runs: per-step rows)
-    losses: dict[int, float] = field(default_factory=dict)
-    command: str = ""
-    log: str = ""
-    note: str = ""
-    superseded: bool = False  # failed, then measured again (e.g. without torch.compile): not counted
-
-    @property
-    def tokens_per_s_per_gpu(self) -> float | None:
-        return self.tokens_per_s / self.gpus if self.tokens_per_s else None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The subcommand.
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", choices=SUITES, default="all")
-    parser.add_argument("--out", default="runs/bench", help="results.json, results.md, logs/ (small files only)")
-    parser.add_argument("--work", default=None, help="scratch for run dirs (default: a dir under /tmp, removed after)")
-    parser.add_argument("--gpus", type=int, default=None, help="scaling suite: up to this many GPUs (default: all)")
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 20; cpu_smoke 8)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 5; cpu_smoke 3)")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU (default: by GPU name)")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="torch.compile of the blocks in dsfleet's fast runs (auto: on for GPU suites)")
-    parser.add_argument("--dsfleet_args", default="", help="extra train flags for dsfleet's fast runs (quoted)")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
-                        help="gpt2_xl suite: one more fast run with these extra train flags, reported as "
-                             "dsfleet_fast_NAME beside the others (repeatable; for tuning)")
-    parser.add_argument("--profile", action="store_true",
-                        help="profile 3 extra steps after each dsfleet fast run (OUT/profile/NAME/profile.txt)")
-    parser.add_argument("--timeout", type=int, default=300, help="seconds per run before it is stopped")
-
-
-def run(args) -> int:
-    for spec in args.variant:
-        name, sep, _ = spec.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", name):
-            fail(f"--variant {spec!r} is not NAME=FLAGS — e.g. --variant nochecks='--fused_grad_checks false'")
-    if args.warmup is not None and args.steps is not None and not 1 <= args.warmup < args.steps:
-        fail("need 1 <= --warmup < --steps — the timed window starts after a warm step")
-    bench = Bench(args)
-    try:
-        return bench.run_suite(args.suite)
-    finally:
-        for proc in bench.background.values():  # a prebuild nobody waited for (its suite failed early)
-            proc.kill()
-            proc.wait()
-        if not args.work:
-            shutil.rmtree(bench.work, ignore_errors=True)
-
-
 class Bench:
+    """One `dsfleet bench` call: the suites it runs, each run's command, and how a run is read back."""
+
     def __init__(self, args):
         self.args = args
         self.cpu = args.suite == "cpu_smoke"
@@ -167,14 +97,11 @@ class Bench:
             d.mkdir(parents=True, exist_ok=True)
         self.env = child_env(self.cpu)
         self.peak = args.peak_tflops or (None if self.cpu else peak_for(self.gpu_names[0]))
-        self.results: list[Result] = []
-        self.checks: list[dict[str, Any]] = []
-        self.notes: list[str] = []
-        self.loss_tables: dict[str, list[tuple[int, float, float, float]]] = {}
-        self.loss_names: dict[str, list[str]] = {}  # the two runs of each loss table (default: plain, fast)
         self.prebuilt: dict[str, Any] = {}
         self.background: dict[str, subprocess.Popen] = {}
         self.started = time.time()
+        self.report = Report(self.out, lambda: environment(args, self.gpu_names, self.cpu, self.peak, self.prebuilt,
+                                                           self.started))
         self.fast_gpt2: Result | None = None
         self.launch_time = 0.0
 
@@ -187,9 +114,9 @@ class Bench:
         suites = ["gpt2_xl", "t5_3b", "scaling"] if suite == "all" else [suite]
         for name in suites:
             getattr(self, f"suite_{name}")()
-        self.write()
+        self.report.write()
         print((self.out / "results.md").read_text(), flush=True)
-        return 0 if all(r.ok for r in self.results if not r.superseded) else 1
+        return 0 if self.report.all_ok() else 1
 
     def workload(self, base: Workload) -> Workload:
         steps = self.args.steps or base.steps
@@ -213,7 +140,7 @@ class Bench:
             # the first launch compiles into an empty torch.compile cache; one such launch once ran 15 % slow
             # for reasons not pinned down (docs/benchmarks.md). The same command again is what every later job on
             # this machine (or with a shared TORCHINDUCTOR_CACHE_DIR) runs. Both are reported; the checks use this one.
-            self.check(suite, "dsfleet fast MFU, first launch (cold torch.compile cache)", fast.mfu, None,
+            self.report.check(suite, "dsfleet fast MFU, first launch (cold torch.compile cache)", fast.mfu, None,
                        fmt="{:.1%}")
             fast = self.run_dsfleet(suite, "dsfleet_fast_relaunch", w, 1, fast_flags,
                                     "ZeRO-2, fast path, the same command again (compile cache warm)")
@@ -222,14 +149,15 @@ class Bench:
             name, _, extra = spec.partition("=")
             variant = self.run_dsfleet(suite, f"dsfleet_fast_{name}", w, 1, [*fast_flags, *shlex.split(extra)],
                                        f"ZeRO-2, fast path + {extra}", fast=True)
-            self.check_ratio(suite, f"dsfleet fast + {extra} / HF Trainer tokens/s", variant, hf, None)
-        self.check_ratio(suite, "dsfleet fast / HF Trainer tokens/s", fast, hf, None if self.cpu else TARGETS["gpt2_vs_hf"])
-        self.check(suite, "dsfleet fast / HF Trainer, median step time (the same ratio without slow outlier steps)",
+            self.report.check_ratio(suite, f"dsfleet fast + {extra} / HF Trainer tokens/s", variant, hf, None)
+        self.report.check_ratio(suite, "dsfleet fast / HF Trainer tokens/s", fast, hf, None if self.cpu else TARGETS["gpt2_vs_hf"])
+        self.report.check(suite, "dsfleet fast / HF Trainer, median step time (the same ratio without slow outlier steps)",
                    median_ratio(hf, fast), None, fmt="{:.2f}x")
-        self.check_ratio(suite, "dsfleet plain / HF Trainer tokens/s", plain, hf, None)
+        self.report.check_ratio(suite, "dsfleet plain / HF Trainer tokens/s", plain, hf, None)
         if not self.cpu:
-            self.check(suite, "dsfleet fast MFU", fast.mfu, TARGETS["gpt2_mfu"], fmt="{:.1%}")
-        self.compare_losses(suite, plain, fast, "bf16" if w.bf16 else "fp32")
+            self.report.check(suite, "dsfleet fast MFU", fast.mfu, TARGETS["gpt2_mfu"], fmt="{:.1%}")
+        precision = "bf16" if w.bf16 else "fp32"
+        self.report.compare_losses(suite, plain, fast, precision, LOSS_RTOL[precision])
 
     def suite_cpu_smoke(self) -> None:
         self.suite_gpt2_xl("cpu_smoke", "gpt2_tiny", micro=4, block=64, bf16=False, steps=8, warmup=3)
@@ -251,11 +179,11 @@ class Bench:
         self.wait_background("CPUAdamBuilder")
         hf = self.run_hf(suite, "hf_trainer_zero3_seed", w, 1, self.baseline_config("zero3"),
                          "shipped ZeRO-3 JSON (seed 001: optimizer offload to CPU), unchanged")
-        self.check_ratio(suite, "dsfleet (planner) / HF Trainer seed ZeRO-3 tokens/s", fast, hf, TARGETS["t5_vs_hf"])
-        self.check(suite, "dsfleet launch to first finished step (s), first launch", fast.first_step_s,
+        self.report.check_ratio(suite, "dsfleet (planner) / HF Trainer seed ZeRO-3 tokens/s", fast, hf, TARGETS["t5_vs_hf"])
+        self.report.check(suite, "dsfleet launch to first finished step (s), first launch", fast.first_step_s,
                    TARGETS["t5_first_step_s"], fmt="{:.1f}", below=True)
         if relaunch is not None:
-            self.check(suite, "dsfleet launch to first finished step (s), relaunch (compile cache warm)",
+            self.report.check(suite, "dsfleet launch to first finished step (s), relaunch (compile cache warm)",
                        relaunch.first_step_s, TARGETS["t5_first_step_s"], fmt="{:.1f}", below=True)
 
     def suite_scaling(self) -> None:
@@ -263,7 +191,7 @@ class Bench:
         available = len(self.gpu_names)
         top = min(self.args.gpus or available, available)
         if self.args.gpus and self.args.gpus > available:
-            self.notes.append(f"scaling: --gpus {self.args.gpus} asked, {available} visible — measured up to {top}")
+            self.report.notes.append(f"scaling: --gpus {self.args.gpus} asked, {available} visible — measured up to {top}")
         counts = sorted({n for n in (1, 2, 4, 8, 16) if n <= top} | {top})
         w = self.workload(Workload("gpt2_xl", 8, block_size=1024))
         by_n: dict[int, Result] = {}
@@ -279,7 +207,7 @@ class Bench:
             value = (by_n[n].tokens_per_s_per_gpu / one.tokens_per_s_per_gpu
                      if one and one.ok and by_n[n].ok else None)
             what = f"tokens/s per GPU at {n} GPUs / at 1 GPU" + ("" if n >= 4 else " (issue 8 sets the target at 4)")
-            self.check(suite, what, value, TARGETS["scaling_per_gpu"], fmt="{:.1%}")
+            self.report.check(suite, what, value, TARGETS["scaling_per_gpu"], fmt="{:.1%}")
 
     def suite_mamba(self) -> None:
         suite = "mamba"
@@ -287,7 +215,7 @@ class Bench:
         long = self.workload(Workload("mamba_1b", 8, block_size=2048))
         kernels = self.run_dsfleet(suite, "dsfleet_kernels", long, 1, [*flags, "--mamba_kernels", "on"],
                                    "ZeRO-2, mamba_ssm + causal_conv1d kernels", fast=True)
-        self.check(suite, "kernels MFU (6N + scan FLOPs), micro-batch 8 x 2048", kernels.mfu, TARGETS["mamba_mfu"],
+        self.report.check(suite, "kernels MFU (6N + scan FLOPs), micro-batch 8 x 2048", kernels.mfu, TARGETS["mamba_mfu"],
                    fmt="{:.1%}")
         # the pure-PyTorch scan's backward grows with the square of the length (17.8 tokens/s at 1 x 2048): the
         # comparison runs both paths at a length it gets through, pure-PyTorch last (the slowest, most at risk)
@@ -296,8 +224,9 @@ class Bench:
                                 "ZeRO-2, kernels", fast=True)
         scan = self.run_dsfleet(suite, "dsfleet_pytorch_scan_short", short, 1, [*flags, "--mamba_kernels", "off"],
                                 "ZeRO-2, transformers' pure-PyTorch scan")
-        self.check_ratio(suite, "kernels / pure-PyTorch scan tokens/s, micro-batch 4 x 128", fast, scan, None)
-        self.compare_losses(suite, scan, fast, "bf16", names=("pure-PyTorch scan", "kernels"))
+        self.report.check_ratio(suite, "kernels / pure-PyTorch scan tokens/s, micro-batch 4 x 128", fast, scan, None)
+        self.report.compare_losses(suite, scan, fast, "bf16", LOSS_RTOL["bf16"],
+                                   names=("pure-PyTorch scan", "kernels"))
 
     def fast_flags(self, family: str) -> list[str]:
         flags = ["--compile", "true" if self.compile_for(family) else "false"]
@@ -339,13 +268,8 @@ class Bench:
                "--export_hf", "false", "--overwrite_output_dir", "--output_dir", str(run_dir),
                *(["--bf16"] if w.bf16 else []), *(["--peak_tflops", str(self.peak)] if self.peak else []), *flags]
         metrics = run_dir / "metrics.jsonl"
-
-        def last_step() -> int:
-            rows = read_rows(metrics)
-            return max((r["step"] for r in rows if "loss" in r), default=0)
-
         result = Result(suite, name, "dsfleet", gpus, config=config, command=shlex.join(cmd))
-        launched = self.launch(result, cmd, env, done=lambda: last_step() >= steps,
+        launched = self.launch(result, cmd, env, done=lambda: last_step(metrics) >= steps,
                                first=lambda: metrics.stat().st_mtime if metrics.exists() else None, kill_when_done=True)
         log_text = Path(result.log).read_text(errors="replace") if result.log else ""
         m = re.search(r"rank\(s\) via \S+, ZeRO-(\d)", log_text)
@@ -360,16 +284,15 @@ class Bench:
         retry = None if result.ok or self.cpu else fallback(flags)
         if retry is not None:
             flags, how = retry
-            self.notes.append(f"{name}: failed ({result.note[:160]}; log {Path(result.log).name}) — measured again {how}")
+            self.report.notes.append(f"{name}: failed ({result.note[:160]}; log {Path(result.log).name}) — measured again {how}")
             result.superseded = True
-            self.record(result)
+            self.report.record(result)
             return self.run_dsfleet(suite, f"{name}_retry", w, gpus, flags, f"{config}, {how}", fast)
-        self.record(result)
+        self.report.record(result)
         return result
 
     def read_dsfleet(self, result: Result, rows: list[dict], w: Workload, gpus: int) -> None:
-        """Tokens/s over the timed window from the per-step rows: each row's wall time is its tokens divided by
-        its tokens/s (rows are single steps: --logging_steps 1)."""
+        """Tokens/s over the timed window from the per-step rows (runner.step_seconds: each row's wall time)."""
         train = [r for r in rows if "loss" in r]
         result.losses = {int(r["step"]): float(r["loss"]) for r in train}
         timed = [r for r in train if w.warmup < r["step"] <= w.steps]
@@ -377,7 +300,7 @@ class Bench:
             result.note = f"only {len(timed)} timed steps logged"
             return
         step_tokens = w.micro_batch * gpus * w.tokens_per_row
-        seconds = [step_tokens / r["tokens_per_s"] for r in timed]
+        seconds = step_seconds(timed, step_tokens)
         result.step_ms = [round(1000 * t, 2) for t in seconds]
         total = sum(seconds)
         result.tokens_per_s = step_tokens * len(timed) / total
@@ -410,7 +333,7 @@ class Bench:
             result.step_ms = data.get("step_ms", [])
             result.config += f" [attention {data.get('attn_implementation')}]"
             result.ok = True
-        self.record(result)
+        self.report.record(result)
         return result
 
     def launch(self, result: Result, cmd: list[str], env: dict, done, first, kill_when_done: bool) -> bool:
@@ -419,46 +342,18 @@ class Bench:
         log = self.out / "logs" / f"{result.suite}__{result.name}.log"
         result.log = str(log)
         print(f"bench: {result.suite} / {result.name}: {result.command}", flush=True)
-        self.launch_time = start = time.time()
-        reached = None
-        first_at = None
-        with open(log, "w") as f:
-            proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                while True:
-                    rc = proc.poll()
-                    now = time.time()
-                    if first_at is None:
-                        first_at = first()
-                    if reached is None and done():
-                        reached = now
-                    if rc is not None:
-                        break
-                    if reached is not None and (kill_when_done or now - reached > 20):
-                        stop(proc)
-                        break
-                    if now - start > self.args.timeout:
-                        stop(proc)
-                        result.note = f"stopped after the {self.args.timeout} s timeout"
-                        break
-                    time.sleep(0.2)
-            finally:
-                if proc.poll() is None:
-                    stop(proc)
-        if reached is None and done():
-            reached = time.time()
-        result.wall_s = time.time() - start
-        if first_at is not None:
-            result.first_step_s = first_at - start
-        if reached is None:
-            result.note = result.note or f"exit {proc.returncode}: {last_error(log)}"
-        status = "done" if reached is not None else f"FAILED ({result.note})"
+        run = runner.launch(cmd, env, log, done, self.args.timeout, first=first, grace_s=0 if kill_when_done else 20)
+        self.launch_time = run.started
+        result.wall_s = run.wall_s
+        if run.first_at is not None:
+            result.first_step_s = run.first_at - run.started
+        if run.timed_out:
+            result.note = f"stopped after the {self.args.timeout} s timeout"
+        if not run.reached:
+            result.note = result.note or f"exit {run.rc}: {last_error(log)}"
+        status = "done" if run.reached else f"FAILED ({result.note})"
         print(f"bench: {result.suite} / {result.name}: {status} in {result.wall_s:.0f} s", flush=True)
-        return reached is not None
-
-    def record(self, result: Result) -> None:
-        self.results.append(result)
-        self.write()
+        return run.reached
 
     # ---- prebuilt DeepSpeed ops --------------------------------------------------------------------------
     def prebuild(self, builder: str, wait: bool) -> None:
@@ -482,31 +377,7 @@ class Bench:
         del info["started"]
         print(f"bench: {builder}: rc {rc}, {info['seconds']} s", flush=True)
         if rc != 0:
-            self.notes.append(f"{builder} did not build (rc {rc}, logs/prebuild_{builder}.log): runs will JIT it")
-
-    # ---- checks --------------------------------------------------------------------------------------------
-    def check(self, suite: str, what: str, value: float | None, target: float | None, fmt: str = "{:.2f}",
-              below: bool = False) -> None:
-        passed = None if target is None or value is None else (value <= target if below else value >= target)
-        self.checks.append({"suite": suite, "what": what, "value": value, "target": target, "below": below,
-                            "fmt": fmt, "pass": passed})
-
-    def check_ratio(self, suite: str, what: str, a: Result, b: Result, target: float | None) -> None:
-        value = a.tokens_per_s / b.tokens_per_s if a.ok and b.ok and b.tokens_per_s else None
-        self.check(suite, what, value, target, fmt="{:.2f}x")
-
-    def compare_losses(self, suite: str, plain: Result, fast: Result, precision: str,
-                       names: tuple[str, str] = ("plain", "fast")) -> None:
-        rtol = LOSS_RTOL[precision]
-        steps = sorted(set(plain.losses) & set(fast.losses))
-        rows = [(s, plain.losses[s], fast.losses[s], abs(fast.losses[s] - plain.losses[s]) / abs(plain.losses[s]))
-                for s in steps]
-        self.loss_tables[suite] = rows
-        self.loss_names[suite] = list(names)
-        worst = max((r[3] for r in rows), default=None)
-        self.checks.append({"suite": suite, "what": f"loss curve {names[1]} vs {names[0]}, max relative difference over "
-                            f"{len(rows)} steps ({precision}, same seed)", "value": worst, "target": rtol,
-                            "below": True, "fmt": "{:.1e}", "pass": None if worst is None else worst <= rtol})
+            self.report.notes.append(f"{builder} did not build (rc {rc}, logs/prebuild_{builder}.log): runs will JIT it")
 
     def keep_profile(self, src: Path, name: str) -> None:
         dest = self.out / "profile" / name
@@ -519,93 +390,6 @@ class Bench:
                 import gzip
                 with open(src / "trace.json", "rb") as f_in, gzip.open(dest / "trace.json.gz", "wb") as f_out:
                     shutil.copyfileobj(f_in, f_out)
-
-    # ---- report ------------------------------------------------------------------------------------------
-    def environment(self) -> dict[str, Any]:
-        versions = {}
-        for pkg in ("torch", "transformers", "deepspeed", "accelerate"):
-            try:
-                versions[pkg] = metadata.version(pkg)
-            except metadata.PackageNotFoundError:
-                versions[pkg] = None
-        return {"gpus": self.gpu_names, "driver": gpu_driver() if not self.cpu else None, "peak_tflops": self.peak,
-                "python": platform.python_version(), "host_cpus": os.cpu_count(), **versions,
-                "command": bench_command(self.args),
-                "prebuilt_ops": self.prebuilt, "elapsed_s": round(time.time() - self.started, 1)}
-
-    def write(self) -> None:
-        doc = {"environment": self.environment(), "results": [dict(asdict(r), tokens_per_s_per_gpu=r.tokens_per_s_per_gpu)
-                                                              for r in self.results],
-               "checks": self.checks, "loss_curves": self.loss_tables, "loss_curve_names": self.loss_names,
-               "notes": self.notes}
-        (self.out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
-        (self.out / "results.md").write_text(markdown(doc))
-
-
-def markdown(doc: dict[str, Any]) -> str:
-    env = doc["environment"]
-    gpu = f"{len(env['gpus'])} x {env['gpus'][0]}" if env["gpus"] else "CPU"
-    lines = [f"GPU: {gpu} (driver {env['driver']}), peak {env['peak_tflops']} TFLOP/s bf16 dense per device; "
-             f"torch {env['torch']}, transformers {env['transformers']}, deepspeed {env['deepspeed']}, "
-             f"accelerate {env['accelerate']}, python {env['python']}; {env['host_cpus']} host CPUs.",
-             f"Command: `{env['command']}` ({env['elapsed_s']:.0f} s).", "",
-             "| suite | run | GPUs | ZeRO | tokens/s | tokens/s/GPU | TFLOP/s/GPU | MFU | peak mem GiB | first step s | "
-             "step ms: median (min-max) | config |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-
-    def num(v, fmt="{:,.0f}"):
-        return "—" if v is None else fmt.format(v)
-
-    for r in doc["results"]:
-        name = r["name"] if r["ok"] else f"{r['name']} ({'failed, measured again' if r['superseded'] else 'FAILED'}: {r['note'][:120]})"
-        lines.append(f"| {r['suite']} | {name} | {r['gpus']} | {num(r['zero_stage'], '{}')} | {num(r['tokens_per_s'])} | "
-                     f"{num(r['tokens_per_s_per_gpu'])} | {num(r['tflops_per_gpu'], '{:.1f}')} | {num(r['mfu'], '{:.1%}')} | "
-                     f"{num(r['peak_mem_gib'], '{:.1f}')} | {num(r['first_step_s'], '{:.0f}')} | "
-                     f"{step_spread(r.get('step_ms'))} | {r['config']} |")
-    lines += ["", "| suite | check | value | target | |", "| --- | --- | ---: | ---: | --- |"]
-    for c in doc["checks"]:
-        target = "—" if c["target"] is None else ("<= " if c["below"] else ">= ") + c["fmt"].format(c["target"])
-        verdict = {True: "PASS", False: "FAIL", None: ""}[c["pass"]]
-        lines.append(f"| {c['suite']} | {c['what']} | {num(c['value'], c['fmt'])} | {target} | {verdict} |")
-    for suite, rows in doc["loss_curves"].items():
-        a_name, b_name = doc.get("loss_curve_names", {}).get(suite, ("plain", "fast"))
-        lines += ["", f"Loss curve, {suite}: {a_name} vs {b_name} (same seed, same data)", "",
-                  f"| step | {a_name} | {b_name} | rel. diff |", "| ---: | ---: | ---: | ---: |"]
-        lines += [f"| {s} | {a:.5f} | {b:.5f} | {d:.1e} |" for s, a, b, d in rows]
-    if doc["notes"]:
-        lines += ["", "Notes:"] + [f"- {n}" for n in doc["notes"]]
-    lines += ["", "Commands (one per run):", ""]
-    lines += [f"- {r['suite']} / {r['name']}: `{r['command']}`" for r in doc["results"]]
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Small helpers.
-
-def median_ratio(slow: Result, fast: Result) -> float | None:
-    """slow's median step time over fast's: a speed ratio for runs with the same tokens per step."""
-    if not (slow.ok and fast.ok and slow.step_ms and fast.step_ms):
-        return None
-    return statistics.median(slow.step_ms) / statistics.median(fast.step_ms)
-
-
-def step_spread(step_ms: list[float] | None) -> str:
-    """Median and range of the timed steps: how much one run's mean can be trusted against another's."""
-    if not step_ms:
-        return "—"
-    return f"{statistics.median(step_ms):.0f} ({min(step_ms):.0f}-{max(step_ms):.0f})"
-
-
-def bench_command(args) -> str:
-    words = ["dsfleet", "bench"]
-    for key, value in vars(args).items():
-        if key.startswith("_") or value in (None, False, "", []) or (key == "compile" and value == "auto"):
-            continue
-        if isinstance(value, list):  # a repeatable flag
-            words += [w for item in value for w in (f"--{key}", str(item))]
-        else:
-            words += [f"--{key}"] if value is True else [f"--{key}", str(value)]
-    return shlex.join(words)
 
 
 def fallback(flags: list[str]) -> tuple[list[str], str] | None:
@@ -632,10 +416,8 @@ def planner_zero() -> tuple[str, str]:
 
 
 def child_env(cpu: bool) -> dict[str, str]:
-    import dsfleet
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    src = str(Path(dsfleet.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([src, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    """Every launch's environment: this dsfleet's source first, CPU ranks for cpu_smoke, NVLink multicast off."""
+    env = source_env()
     if cpu:
         env["DS_ACCELERATOR"] = "cpu"
     else:
@@ -645,25 +427,12 @@ def child_env(cpu: bool) -> dict[str, str]:
 
 
 def gpu_names() -> list[str]:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    names = [line.strip() for line in out.splitlines() if line.strip()]
+    """The visible GPUs' names (CUDA_VISIBLE_DEVICES applied), from nvidia-smi: none without it."""
+    names = [row[0] for row in gpu_query("name") or []]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() and all(v.strip().isdigit() for v in visible.split(",")):
         names = [names[int(v)] for v in visible.split(",") if int(v) < len(names)]
     return names
-
-
-def gpu_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.splitlines()[0].strip() if out.strip() else None
 
 
 def peak_for(name: str) -> float | None:
@@ -671,39 +440,3 @@ def peak_for(name: str) -> float | None:
         if key in name.upper():
             return PEAK_BF16_TFLOPS[key]
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def last_error(log: Path) -> str:
-    """The line that says what went wrong: the last exception or error line of a launch's log, else its end."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if re.search(r"(Error|Exception|error:|Killed|CUDA out of memory)", line)
-              and "Warning" not in line]
-    return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:240]
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a row being written right now
-            pass
-    return rows
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """End the launcher and the ranks it started: the process group this bench created for it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    time.sleep(1)  # let the driver release the ranks' device memory before the next launch
