@@ -184,6 +184,7 @@ def _torch_cpu_wheel() -> Path | None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)  # a cold build (DeepSpeed's ops compiled on 2 cores: 732 s idle) plus the in-image runs
 @pytest.mark.skipif(_image_test_skip_reason() is not None, reason=str(_image_test_skip_reason()))
 def test_cpu_image_builds_and_runs_offload_step(tmp_path):
     # The base's Python must be the torch wheel's: bookworm has 3.11 (this venv's, checked by the wheel tag).
