@@ -223,22 +223,37 @@ FAKE_TRAIN = """#!/bin/bash
 trap 'echo "rank $RANK got TERM" >> "$LOG"; exit 75' TERM
 trap 'echo "rank $RANK got USR1" >> "$LOG"; exit 75' USR1
 if [ "$FAKE_MODE" = crash ] && [ "$LOCAL_RANK" = 1 ]; then sleep 1; exit 3; fi
+if [ "$FAKE_MODE" = stop ] && [ "$LOCAL_RANK" = 1 ]; then touch "$DSFLEET_HEARTBEAT_DIR/pid-$$"; kill -STOP $$; fi
 echo "rank $RANK local $LOCAL_RANK world $WORLD_SIZE args $*" >> "$LOG"
 sleep 60 & wait $!
 """
 
 
+# Sourced through BASH_ENV by every non-interactive bash (the pod launcher here, the Slurm batch script in
+# tests/test_slurm_jobs.py): bash 4.2's `wait`, which takes no option (-n came in bash 4.3, -f in 5.0, -p in 5.1).
+# This machine's bash is newer and no Debian package has an older one (bash and bash-static are both 5.2): this is
+# how the supervision loop runs "where wait -n / wait -p are absent"; the static check below covers the rest.
+OLD_BASH_WAIT = """wait() {
+  case "${1:-}" in -*) echo "bash: wait: $1: invalid option (bash 4.2 has no wait options)" >&2; return 2 ;; esac
+  builtin wait "$@"
+}
+"""
+
+
 def _launcher(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, Path]:
-    """The pod launcher of the committed t5_3b Job (pod index 1 of a 2-rank-per-pod world), with a fake trainer."""
+    """The pod launcher of the committed t5_3b Job (pod index 1 of a 2-rank-per-pod world), with a fake trainer,
+    run with bash 4.2's `wait` (OLD_BASH_WAIT)."""
     (cm,) = [d for d in yaml.safe_load_all((REPO / "k8s" / "t5_3b.yaml").read_text()) if d and d["kind"] == "ConfigMap"]
     (tmp_path / "launch.sh").write_text(cm["data"]["launch.sh"])
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "python").write_text(FAKE_TRAIN)
     (tmp_path / "bin" / "python").chmod(0o755)
     log = tmp_path / "ranks.log"
+    (tmp_path / "old_bash_wait.sh").write_text(OLD_BASH_WAIT)
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", LOG=str(log), FAKE_MODE=mode,
                JOB_COMPLETION_INDEX="1", NPROC_PER_NODE="2", WORLD_SIZE="4", MASTER_ADDR="pod-0.svc",
-               MASTER_PORT="29500", DSFLEET_OUTPUT_DIR="/checkpoints/run")
+               MASTER_PORT="29500", DSFLEET_OUTPUT_DIR="/checkpoints/run", TMPDIR=str(tmp_path),
+               DSFLEET_HEARTBEAT_TIMEOUT="2", BASH_ENV=str(tmp_path / "old_bash_wait.sh"))
     with open(tmp_path / "launcher.out", "w") as out:  # a file, not a pipe: a killed rank's children may hold it
         return subprocess.Popen(["bash", str(tmp_path / "launch.sh"), "--preset", "t5_3b"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True), log
@@ -282,6 +297,147 @@ def test_pod_launcher_stops_the_peers_of_a_crashed_rank(tmp_path, stop_group):
     assert not any("got" in line for line in _lines(log))  # killed, not asked to checkpoint with a dead peer
 
 
+def test_pod_launcher_ends_a_rank_that_stopped_beating(tmp_path, stop_group):
+    """A stopped process (SIGSTOP, a wedged driver call) cannot end itself: the launcher sees its heartbeat file age
+    past DSFLEET_HEARTBEAT_TIMEOUT (2 s here), kills it and its pod-mates, and exits 75 (restart the gang)."""
+    proc, log = _launcher(tmp_path, "stop")
+    stop_group(proc)
+    started = time.monotonic()
+    assert proc.wait(timeout=30) == 75, (tmp_path / "launcher.out").read_text()
+    assert time.monotonic() - started < 15
+    out = (tmp_path / "launcher.out").read_text()
+    assert "has not beaten for over 2s (stopped or hung): killing it" in out, out
+    assert "stopped beating: stopping the other ranks" in out, out
+    assert "invalid option" not in out, out  # the loop never asked bash 4.2's wait for an option
+
+
+# ------------------------------------------------------------------------------------------------ bash 4.2
+
+# what bash 4.2 (RHEL 7) does not have, each with the version that brought it
+NEWER_THAN_BASH_4_2 = {
+    r"\bwait\s+-[a-z]*[nfp]": "wait -n (4.3), -f (5.0), -p (5.1)",
+    r"\$\{[^}]*@[QEPAKaUuLk]\}": "${var@op} transformations (4.4)",
+    r"\b(declare|local|typeset)\s+-[a-zA-Z]*n\b": "namerefs (4.3)",
+    r"\b(mapfile|readarray)\b[^\n]*\s-d\b": "mapfile -d (4.4)",
+    r"\$\{?(EPOCHSECONDS|EPOCHREALTIME|SRANDOM|BASH_ARGV0)\b": "bash 5 variables",
+    r"\$\{[A-Za-z_][A-Za-z0-9_]*\[-[0-9]+\]\}": "negative array subscripts (4.3)",
+    r"\bshopt\s+-s\s+(inherit_errexit|localvar_inherit|assoc_expand_once|globasciiranges)": "shell options of 4.4+",
+}
+
+
+def newer_bash_features(text: str) -> list[str]:
+    """Constructs a bash 4.2 script cannot use, with the line they are on. Besides the features above: an array that
+    can be empty (assigned `()` or a guarded expansion) expanded as "${a[@]}" — before bash 4.4 that is an unbound
+    variable under `set -u`; ${a[@]+"${a[@]}"} is the portable form."""
+    found = []
+    code = "\n".join(line.split("  #")[0] for line in text.splitlines() if not line.lstrip().startswith("#"))
+    for pattern, what in NEWER_THAN_BASH_4_2.items():
+        found += [f"{what}: {m.group(0)!r}" for m in re.finditer(pattern, code)]
+    maybe_empty = set(re.findall(r"\b([A-Za-z_][A-Za-z0-9_]*)=\((?:\)|\$\{[A-Za-z_][A-Za-z0-9_]*\[@\]\+)", code))
+    for m in re.finditer(r'"\$\{([A-Za-z_][A-Za-z0-9_]*)\[@\]\}"', code):
+        if m.group(1) in maybe_empty and code[m.start() - 1] != "+":
+            found.append(f"empty array under set -u (4.4): {m.group(0)}")
+    return found
+
+
+def test_the_bash_4_2_check_finds_what_it_looks_for():
+    old_loop = 'left=()\nwait -n -p finished "${running[@]}"\nrunning=("${left[@]}")\necho "${x@Q}"\n'
+    assert len(newer_bash_features(old_loop)) == 3, newer_bash_features(old_loop)
+    assert newer_bash_features('left=()\nkill ${left[@]+"${left[@]}"}\nwait "$pid"\n') == []
+
+
+def test_every_rendered_script_is_bash_4_2(tmp_path, site_render):
+    scripts = {p.name: p.read_text() for p in sorted((REPO / "slurm").glob("*.sbatch"))}
+    for f in sorted((REPO / "k8s").glob("*.yaml")):
+        (cm,) = [d for d in yaml.safe_load_all(f.read_text()) if d and d["kind"] == "ConfigMap"]
+        scripts[f"{f.name}:launch.sh"] = cm["data"]["launch.sh"]
+    scripts["every site option.sbatch"] = (site_render / "slurm" / "t5_3b.sbatch").read_text()
+    for name, text in scripts.items():
+        assert newer_bash_features(text) == [], name
+        assert "BASH_VERSINFO" in text, name  # an older shell stops at once, with the reason
+
+
+# ------------------------------------------------------------------------------------------------ site options
+
+SITE_OPTIONS = ["--partition", "gpu", "--account", "proj-42", "--qos", "normal", "--mem", "500G", "--exclusive",
+                "--constraint", "h100&ib", "--setup", "module load cuda/12.4 && source ~/venv/bin/activate",
+                "--output-root", "/lustre/proj/runs", "--hf-home", "$SCRATCH/hf", "--hf-offline", "--max-requeues",
+                "5", "--container", "pyxis", "--image", "registry.example.com/ml/dsfleet:sm90",
+                "--image-pull-secrets", "regcred", "--storage-class", "cephfs", "--access-mode", "RWX",
+                "--tolerations", "nvidia.com/gpu:NoSchedule,dedicated=ml:NoExecute",
+                "--node-selector", "nvidia.com/gpu.product=NVIDIA-H200", "--queue", "team-a",
+                "--priority-class", "high-priority", "--shm", "32Gi", "--secret", "dsfleet-creds"]
+
+
+@pytest.fixture(scope="module")
+def site_render(tmp_path_factory) -> Path:
+    """t5_3b on 2 nodes x 8 GPUs with every site option set, as Slurm, Kubernetes and MPIJob files."""
+    out = tmp_path_factory.mktemp("site")
+    for target in ("all", "mpijob"):
+        assert cli.main(["render", "--preset", "t5_3b", "--target", target, "--nodes", "2", "--gpus-per-node", "8",
+                         *SITE_OPTIONS, "--out", str(out), "--", "--from_scratch", "--bf16"]) == 0
+    return out
+
+
+def test_every_site_option_reaches_its_file(site_render):
+    sbatch = (site_render / "slurm" / "t5_3b.sbatch").read_text()
+    d = sbatch_directives(sbatch)
+    assert (d["account"], d["qos"], d["mem"], d["constraint"], d["partition"]) == \
+        ("proj-42", "normal", "500G", "h100&ib", "gpu") and "exclusive" in d
+    assert "module load cuda/12.4 && source ~/venv/bin/activate" in sbatch
+    assert 'DSFLEET_OUTPUT_ROOT="${DSFLEET_OUTPUT_ROOT:-/lustre/proj/runs}"' in sbatch
+    assert 'export HF_HOME="${DSFLEET_HF_HOME:-$SCRATCH/hf}"' in sbatch and "HF_HUB_OFFLINE=1" in sbatch
+    assert 'DSFLEET_MAX_REQUEUES="${DSFLEET_MAX_REQUEUES:-5}"' in sbatch
+    assert 'DSFLEET_CONTAINER="${DSFLEET_CONTAINER:-pyxis}"' in sbatch and "--save_interval_minutes 30" in sbatch
+    for option in ("--account", "--qos", "--mem", "--exclusive", "--constraint", "--setup", "--output-root",
+                   "--hf-home", "--hf-offline", "--max-requeues"):
+        assert re.search(rf"^#   {option} +\S", sbatch, re.M), option  # the header shows it
+    docs = k8s_docs(site_render / "k8s" / "t5_3b.yaml")
+    job, pvc = docs["Job"], docs["PersistentVolumeClaim"]
+    assert pvc["spec"]["storageClassName"] == "cephfs" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and job["spec"]["suspend"] is True
+    pod = job["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["priorityClassName"] == "high-priority"
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                                  {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"}]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+    (c,) = pod["containers"]
+    assert c["image"] == "registry.example.com/ml/dsfleet:sm90"
+    secret_refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert set(secret_refs) == {"WANDB_API_KEY", "HF_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                                "MLFLOW_TRACKING_PASSWORD"}
+    assert all(ref["name"] == "dsfleet-creds" and ref["key"] == name for name, ref in secret_refs.items())
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["HF_HUB_OFFLINE"] == "1"
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["shm"]["emptyDir"]["sizeLimit"] == "32Gi"
+    limit = int(c["resources"]["limits"]["memory"].removesuffix("Gi"))
+    header = (site_render / "k8s" / "t5_3b.yaml").read_text()
+    m = re.search(r"inside the memory limit (\d+)Gi \((\d+)Gi \+ 32Gi\)", header)
+    assert m and limit == int(m.group(1)) == int(m.group(2)) + 32, header[:3000]  # /dev/shm counted in the limit
+    mpi = k8s_docs(site_render / "k8s" / "mpijob" / "t5_3b.yaml")["MPIJob"]
+    worker = mpi["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert worker["tolerations"] == pod["tolerations"] and worker["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_every_site_option_passes_the_tools(site_render, tmp_path):
+    cm = k8s_docs(site_render / "k8s" / "t5_3b.yaml")["ConfigMap"]
+    (tmp_path / "launch.sh").write_text(cm["data"]["launch.sh"])
+    proc = _shellcheck([site_render / "slurm" / "t5_3b.sbatch", tmp_path / "launch.sh"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for version in K8S_VERSIONS:
+        proc = subprocess.run([str(VENV_BIN / "kubernetes-validate"), "--strict", "--kubernetes-version", version,
+                               str(site_render / "k8s" / "t5_3b.yaml")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "WARN" not in proc.stdout, proc.stdout + proc.stderr
+    for name in ("slurm/t5_3b.sbatch", "k8s/t5_3b.yaml"):  # the header command gives the file back
+        text = (site_render / name).read_text()
+        argv = shlex.split(re.search(r"^# Rendered by `(dsfleet render .+)`$", text, re.M).group(1))[2:]
+        out = tmp_path / name.replace("/", "_")
+        cut = argv.index("--")
+        assert cli.main(["render", *argv[:cut], "--out", str(out), *argv[cut:]]) == 0
+        assert (out / name).read_text() == text, name
+
+
 # ------------------------------------------------------------------------------------------------ templates
 
 
@@ -291,7 +447,7 @@ def test_templates_share_pieces_instead_of_copying_them():
     # the signal-forwarding / wait logic lives in one file, included by the Slurm script and the pod launcher
     assert [n for n, t in texts.items() if "wait -n" in t or "trap " in t] == ["_supervise.j2"]
     for n in ("slurm.sbatch.j2", "k8s_launch.sh.j2"):
-        assert all(f"{{{{ {m}() }}}}" in texts[n] for m in ("forward_signals", "wait_for_ranks")), n
+        assert all(f"{{{{ {m}(" in texts[n] for m in ("bash_version_check", "forward_signals", "wait_for_ranks")), n
     # the fabric knobs are one list; every backend prints it through a macro
     assert [n for n, t in texts.items() if "NCCL_SOCKET_IFNAME" in t] == ["_common.j2"]
     # pod security, volumes and the ConfigMap are written once for the Job and the MPIJob
@@ -330,6 +486,17 @@ BAD = {
     "all with sizes": (["--all", "--nodes", "2"], "--all renders the committed set"),
     "unknown option": (["--preset", "t5_3b", "--target", "slurm", "--nodes", "1", "--gpus-per-node", "8", "--gpu", "8"],
                        "unrecognized arguments"),
+    # site options
+    "RWO for two pods": (["--preset", "t5_3b", "--target", "k8s", "--nodes", "2", "--gpus-per-node", "8",
+                          "--access-mode", "RWO", "--", "--from_scratch"], "--access-mode RWO mounts the run dir on one"),
+    "bad toleration": (["--preset", "t5_3b", "--target", "k8s", "--nodes", "1", "--gpus-per-node", "8",
+                        "--tolerations", "gpu:Sometimes", "--", "--from_scratch"], "is not KEY[=VALUE][:EFFECT]"),
+    "setup not bash": (["--preset", "t5_3b", "--target", "slurm", "--nodes", "1", "--gpus-per-node", "8",
+                        "--setup", "module load cuda; if then", "--", "--from_scratch"], "--setup is not a shell snippet"),
+    "bad mem": (["--preset", "t5_3b", "--target", "slurm", "--nodes", "1", "--gpus-per-node", "8", "--mem", "lots",
+                 "--", "--from_scratch"], "--mem 'lots' is not a Slurm memory size"),
+    "output root with spaces": (["--preset", "t5_3b", "--target", "slurm", "--nodes", "1", "--gpus-per-node", "8",
+                                 "--output-root", "/my runs", "--", "--from_scratch"], "--output-root '/my runs'"),
 }
 HOSTFILES = {  # malformed hostfile lines: the validator names the line
     "no slots": ("node-0 slots=8\nnode-1\n", ":2: host node-1 has no slots"),

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,22 @@ def _fault_point(where: str, step: int, rank: int) -> None:
 
 
 def should_save(spec, step: int, total_steps: int) -> bool:
-    """A mid-run checkpoint every --save_steps (the end of the run always saves)."""
-    return bool(spec.save_steps) and step % spec.save_steps == 0 and step < total_steps
+    """A mid-run checkpoint every --save_steps, and once --save_interval_minutes have passed since this process's
+    last save (or its first step) — the end of the run always saves. Every rank calls this at every step boundary:
+    the clocks of the ranks differ, so with an interval they agree on it (one tiny all-reduce, as the preemption
+    flag does) and save together."""
+    if step >= total_steps:
+        return False
+    by_steps = bool(spec.save_steps) and step % spec.save_steps == 0
+    if not spec.save_interval_minutes:
+        return by_steps
+    now = time.monotonic()
+    since = _last_save.setdefault("at", now)
+    due = _any_rank(now - since >= 60 * spec.save_interval_minutes)
+    return by_steps or due
+
+
+_last_save: dict[str, float] = {}  # monotonic time of this process's last save (should_save's interval)
 
 
 def save(engine, root: Path, step: int, state: dict[str, Any], *, rank: int, keep: int | None) -> Path:
@@ -115,6 +130,7 @@ def save(engine, root: Path, step: int, state: dict[str, Any], *, rank: int, kee
         for old in sorted(completed(root), key=_step_of)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
+    _last_save["at"] = time.monotonic()
     return tag_dir
 
 

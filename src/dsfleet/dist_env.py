@@ -175,6 +175,9 @@ def leave_process_group() -> None:
     run in eight then aborted at exit ('terminate called without an active exception', exit -6) after finishing
     its work. Only for the success path: after an error a peer may never reach the barrier."""
     import torch.distributed as dist
+
+    from dsfleet import watchdog
+    watchdog.stop()  # this rank is done: its peers no longer watch for its heartbeat
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -33,6 +33,11 @@ IMAGE_UID = 1001  # the image's unprivileged user (docker/Dockerfile USER_UID; 1
 RUNS_MOUNT = "/checkpoints"  # the PVC in Kubernetes pods: run dirs and the HF cache
 CONFIG_MOUNT = "/etc/dsfleet"  # the ConfigMap: ds_config.json and the pod launcher
 DEFAULT_PORT = 29500
+DEFAULT_MAX_REQUEUES = 10  # Slurm restarts (SLURM_RESTART_COUNT) after which an exit 75 no longer requeues
+DEFAULT_SAVE_INTERVAL_MINUTES = 30  # rendered jobs checkpoint at least this often (unless the flags say otherwise)
+DEFAULT_OUTPUT_ROOT = "${SCRATCH:-$SLURM_SUBMIT_DIR}/dsfleet-runs"  # scratch where the site defines it, not $HOME
+SRUN_WAIT = 30  # s srun gives the other tasks once the first has ended (a stopped rank never ends by itself)
+GPU_TOLERATION = "nvidia.com/gpu:NoSchedule"  # the taint GPU node pools commonly carry (GKE, AKS, the GPU operator)
 # flags the launch files own: each run dir and its resume request are set at launch, per backend
 OWNED_FLAGS = ("--output_dir", "--overwrite_output_dir", "--resume_from_checkpoint", "--local_rank", "--local-rank")
 TEMPLATES = {"hostfile": "hostfile.j2", "slurm": "slurm.sbatch.j2", "k8s": "k8s.yaml.j2", "mpijob": "mpijob.yaml.j2"}
@@ -57,6 +62,27 @@ class Launch:
     master_port: int = DEFAULT_PORT
     storage: str | None = None
     hosts: tuple[str, ...] | None = None
+    # Slurm site options (each unset = the cluster's own default; the file's header lists them)
+    account: str | None = None
+    qos: str | None = None
+    mem: str | None = None
+    exclusive: bool = False
+    constraint: str | None = None
+    setup: str | None = None  # shell run in the batch script before the ranks start (module load, a venv)
+    output_root: str | None = None
+    hf_home: str | None = None
+    hf_offline: bool = False
+    max_requeues: int = DEFAULT_MAX_REQUEUES
+    # Kubernetes site options
+    image_pull_secrets: tuple[str, ...] = ()
+    storage_class: str | None = None
+    access_mode: str | None = None  # RWO | RWX; unset: RWO for one pod, RWX for several
+    tolerations: tuple[str, ...] | None = None  # KEY[=VALUE][:EFFECT]; unset: GPU jobs tolerate nvidia.com/gpu
+    node_selector: tuple[str, ...] = ()  # KEY=VALUE
+    queue: str | None = None  # Kueue LocalQueue
+    priority_class: str | None = None
+    shm: str | None = None
+    secret: str | None = None  # the Secret whose keys give WANDB_API_KEY, HF_TOKEN, MLFLOW_TRACKING_* to the ranks
 
 
 # The committed set (`dsfleet render --all`). Sizes: t5_small fits one GPU; t5_3b and gpt2_xl one 8-GPU node
@@ -106,6 +132,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master-port", help=f"rank 0's rendezvous port in Kubernetes (default {DEFAULT_PORT})")
     parser.add_argument("--storage", help="size of the Kubernetes PVC for run dirs (default 500Gi, with --cpu 1Gi)")
     parser.add_argument("--hosts", help="hostfile: comma-separated host names (default node-0,node-1,...)")
+    site = parser.add_argument_group("site options (each optional; the file's header shows what is assumed)")
+    site.add_argument("--account", help="Slurm account to charge (default: the user's default account)")
+    site.add_argument("--qos", help="Slurm QOS (default: the partition's)")
+    site.add_argument("--mem", help="Slurm memory per node, e.g. 500G, or 0 for all of it (default: the cluster's)")
+    site.add_argument("--exclusive", action="store_true", help="Slurm: whole nodes, shared with no other job")
+    site.add_argument("--constraint", help="Slurm node features, e.g. h100 or 'h100&ib' (default: any node)")
+    site.add_argument("--setup", help="Slurm: shell run in the batch script before the ranks start, e.g. "
+                      "'module load cuda/12.4; source ~/venv/bin/activate' (the ranks inherit its environment)")
+    site.add_argument("--output-root", help="Slurm: where run dirs go, shared by every node (default "
+                      f"{DEFAULT_OUTPUT_ROOT}; DSFLEET_OUTPUT_ROOT overrides it at submit time)")
+    site.add_argument("--hf-home", help="Slurm: the Hugging Face cache, shared by every node (default "
+                      "$DSFLEET_OUTPUT_ROOT/hf-cache; Kubernetes: always on the PVC)")
+    site.add_argument("--hf-offline", action="store_true", help="HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1: models and "
+                      "data come only from the cache (fill it once before submitting)")
+    site.add_argument("--max-requeues", help=f"Slurm: restarts after which exit 75 stops requeueing (default "
+                      f"{DEFAULT_MAX_REQUEUES})")
+    site.add_argument("--image-pull-secrets", help="Kubernetes: comma-separated Secret names for the image registry")
+    site.add_argument("--storage-class", help="Kubernetes: storageClassName of the run-dir PVC (default: the cluster's "
+                      "default class); it must offer the access mode")
+    site.add_argument("--access-mode", help="Kubernetes PVC access mode RWO | RWX (default: RWO with one pod, RWX "
+                      "with several; several pods need RWX)")
+    site.add_argument("--tolerations", help=f"Kubernetes: comma-separated KEY[=VALUE][:EFFECT] (default for GPU jobs "
+                      f"{GPU_TOLERATION}; none for no toleration)")
+    site.add_argument("--node-selector", help="Kubernetes: comma-separated KEY=VALUE node labels")
+    site.add_argument("--queue", help="Kubernetes: Kueue LocalQueue name (the Job is created suspended and admitted "
+                      "as a gang)")
+    site.add_argument("--priority-class", help="Kubernetes: priorityClassName of the pods")
+    site.add_argument("--shm", help="Kubernetes: size of the memory-backed /dev/shm, counted in the memory limit "
+                      "(default 16Gi, with --cpu 256Mi)")
+    site.add_argument("--secret", help="Kubernetes: a Secret whose keys WANDB_API_KEY, HF_TOKEN, "
+                      "MLFLOW_TRACKING_TOKEN/USERNAME/PASSWORD reach the ranks (secretKeyRef; never in the file)")
     parser.add_argument("--hostfile", help="take hosts and GPUs per host from this DeepSpeed hostfile (validated)")
     parser.add_argument("--name", help="file name and job name stem (default: the preset as given)")
     parser.add_argument("--out", default=".", help="output root: files go to OUT/slurm, OUT/k8s, OUT/hostfiles "
@@ -127,7 +184,8 @@ def run(args) -> int:
     if args.all:
         given = [f"--{k.replace('_', '-')}" for k in ("preset", "target", "nodes", "gpus_per_node", "image", "partition",
                                                       "time", "signal_lead", "cpus_per_task", "container", "master_port",
-                                                      "storage", "hosts", "hostfile", "name") if getattr(args, k)]
+                                                      "storage", "hosts", "hostfile", "name", *SITE_OPTIONS)
+                 if getattr(args, k)]
         if given or args.cpu or _flags(args):
             fail(f"--all renders the committed set with its own sizes and flags; {' '.join(given) or 'train flags'} "
                  "cannot apply — drop them, or render one preset without --all")
@@ -191,8 +249,38 @@ def launch_from_args(args) -> tuple[Launch, tuple[str, ...]]:
                     cpus_per_task=_positive(args.cpus_per_task, "--cpus-per-task", 1024) if args.cpus_per_task else None,
                     container=args.container or "none",
                     master_port=_positive(args.master_port, "--master-port", 65535) if args.master_port else DEFAULT_PORT,
-                    storage=args.storage, hosts=hosts)
+                    storage=args.storage, hosts=hosts,
+                    account=args.account, qos=args.qos, mem=args.mem, exclusive=args.exclusive,
+                    constraint=args.constraint, setup=args.setup, output_root=args.output_root, hf_home=args.hf_home,
+                    hf_offline=args.hf_offline,
+                    max_requeues=_count(args.max_requeues, "--max-requeues") if args.max_requeues is not None
+                    else DEFAULT_MAX_REQUEUES,
+                    image_pull_secrets=_list(args.image_pull_secrets), storage_class=args.storage_class,
+                    access_mode=args.access_mode,
+                    tolerations=None if args.tolerations is None else
+                    (() if args.tolerations == "none" else _list(args.tolerations)),
+                    node_selector=_list(args.node_selector), queue=args.queue, priority_class=args.priority_class,
+                    shm=args.shm, secret=args.secret)
     return launch, targets
+
+
+SITE_OPTIONS = ("account", "qos", "mem", "exclusive", "constraint", "setup", "output_root", "hf_home", "hf_offline",
+                "max_requeues", "image_pull_secrets", "storage_class", "access_mode", "tolerations", "node_selector",
+                "queue", "priority_class", "shm", "secret")
+
+
+def _list(text: str | None) -> tuple[str, ...]:
+    return tuple(w.strip() for w in text.split(",") if w.strip()) if text else ()
+
+
+def _count(text, flag: str) -> int:
+    try:
+        value = int(str(text))
+    except ValueError:
+        fail(f"{flag} {text!r} is not a whole number — pass e.g. {flag} 10")
+    if value < 0:
+        fail(f"{flag} {value} is negative — pass 0 (never requeue) or more")
+    return value
 
 
 def _positive(text, flag: str, most: int) -> int:
@@ -243,9 +331,80 @@ def check(launch: Launch) -> None:
         fail(f"--container {launch.container!r} is not a container runtime — use none, pyxis or apptainer")
     if launch.storage is not None and not re.fullmatch(r"[1-9]\d*(Mi|Gi|Ti)", launch.storage):
         fail(f"--storage {launch.storage!r} is not a size — pass e.g. --storage 500Gi")
+    _check_site(launch)
     owned = [f for f in launch.train_flags if f.split("=")[0] in OWNED_FLAGS]
     if owned:
         fail(f"{owned[0].split('=')[0]} is set by the launch files (a run dir per job that restarts resume) — drop it")
+
+
+_SLURM_NAME = r"[A-Za-z0-9_.-]+"
+_K8S_NAME = r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"  # a DNS subdomain: Secret, StorageClass, PriorityClass names
+_LABEL_KEY = r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_VALUE = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?"
+_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+# a path, or one starting with an environment variable ($SCRATCH/runs): no quotes, spaces or command substitution
+_SHELL_PATH = r"(/|\$[A-Za-z_][A-Za-z0-9_]*|\$\{[A-Za-z_][A-Za-z0-9_]*\})[A-Za-z0-9._/+-]*"
+
+
+def _check_site(launch: Launch) -> None:
+    """The site options, each checked so the file that carries it is valid for the tool that reads it."""
+    for flag, value in (("--account", launch.account), ("--qos", launch.qos)):
+        if value is not None and not re.fullmatch(_SLURM_NAME, value):
+            fail(f"{flag} {value!r} is not a Slurm name — use letters, digits, _ . -")
+    if launch.mem is not None and not re.fullmatch(r"\d+[KMGT]?", launch.mem):
+        fail(f"--mem {launch.mem!r} is not a Slurm memory size — pass e.g. --mem 500G (or 0: all of the node's)")
+    if launch.constraint is not None and not re.fullmatch(r"[A-Za-z0-9_.&|,!*()\[\]:-]+", launch.constraint):
+        fail(f"--constraint {launch.constraint!r} is not a Slurm feature expression — pass e.g. --constraint 'h100&ib'")
+    if launch.setup is not None:
+        import subprocess
+        syntax = subprocess.run(["bash", "-n", "-c", launch.setup], capture_output=True, text=True)
+        if not launch.setup.strip() or syntax.returncode != 0:
+            why = (syntax.stderr.strip().splitlines() or ["it is empty"])[-1]
+            fail(f"--setup is not a shell snippet bash can run ({why}) — pass e.g. --setup 'module load cuda; "
+                 "source ~/venv/bin/activate'")
+    for flag, value in (("--output-root", launch.output_root), ("--hf-home", launch.hf_home)):
+        if value is not None and not re.fullmatch(_SHELL_PATH, value):
+            fail(f"{flag} {value!r} is not a path the script can use — pass an absolute path (or one starting with a "
+                 "variable: '$SCRATCH/runs') without spaces or quotes")
+    for flag, names in (("--image-pull-secrets", launch.image_pull_secrets),
+                        ("--storage-class", [launch.storage_class] if launch.storage_class else []),
+                        ("--queue", [launch.queue] if launch.queue else []),
+                        ("--priority-class", [launch.priority_class] if launch.priority_class else []),
+                        ("--secret", [launch.secret] if launch.secret else [])):
+        for name in names:
+            if not re.fullmatch(_K8S_NAME, name):
+                fail(f"{flag} {name!r} is not a Kubernetes object name — use lower-case letters, digits, - and .")
+    if launch.access_mode is not None:
+        if launch.access_mode not in ACCESS_MODES:
+            fail(f"--access-mode {launch.access_mode!r} is not an access mode — use RWO or RWX")
+        if ACCESS_MODES[launch.access_mode] == "ReadWriteOnce" and launch.nodes > 1:
+            fail(f"--access-mode RWO mounts the run dir on one node, but the job has {launch.nodes} pods on as many "
+                 "nodes — use --access-mode RWX with a --storage-class that offers it (NFS, CephFS, Lustre, ...)")
+    for t in launch.tolerations or ():
+        _toleration(t)
+    for pair in launch.node_selector:
+        key, eq, value = pair.partition("=")
+        if not eq or not re.fullmatch(_LABEL_KEY, key) or not re.fullmatch(_LABEL_VALUE, value):
+            fail(f"--node-selector {pair!r} is not KEY=VALUE of a node label — pass e.g. "
+                 "--node-selector nvidia.com/gpu.product=NVIDIA-H200")
+    if launch.shm is not None and not re.fullmatch(r"[1-9]\d*(Mi|Gi)", launch.shm):
+        fail(f"--shm {launch.shm!r} is not a size — pass e.g. --shm 16Gi")
+
+
+ACCESS_MODES = {"RWO": "ReadWriteOnce", "RWX": "ReadWriteMany", "ReadWriteOnce": "ReadWriteOnce",
+                "ReadWriteMany": "ReadWriteMany"}
+
+
+def _toleration(text: str) -> SimpleNamespace:
+    """KEY[=VALUE][:EFFECT] -> a toleration (Equal with a value, Exists without)."""
+    rest, _, effect = text.rpartition(":") if ":" in text else (text, "", "")
+    key, eq, value = rest.partition("=")
+    if not re.fullmatch(_LABEL_KEY, key) or (eq and not re.fullmatch(_LABEL_VALUE, value)) or \
+            (effect and effect not in _EFFECTS):
+        fail(f"--tolerations {text!r} is not KEY[=VALUE][:EFFECT] — pass e.g. nvidia.com/gpu:NoSchedule (effects: "
+             f"{', '.join(_EFFECTS)})")
+    return SimpleNamespace(key=key, operator="Equal" if eq else "Exists", value=value if eq else None,
+                           effect=effect or None)
 
 
 def _seconds(time: str) -> int:
@@ -267,13 +426,16 @@ def resolve(launch: Launch) -> SimpleNamespace:
 
     check(launch)
     preset = get_preset(launch.preset)
-    spec = parse_args(["--preset", preset.name, *launch.train_flags], prog="dsfleet render")
+    train_flags = list(launch.train_flags)
+    if not any(f.split("=")[0] == "--save_interval_minutes" for f in train_flags):  # a node crash costs <= 30 min
+        train_flags += ["--save_interval_minutes", str(DEFAULT_SAVE_INTERVAL_MINUTES)]
+    spec = parse_args(["--preset", preset.name, *train_flags], prog="dsfleet render")
     source = resolve_source(spec)
     hardware = Hardware(nodes=launch.nodes, gpus_per_node=launch.per_node,
                         gpu_mem_bytes=spec.gpu_mem_bytes or CPU_PLANNING_GPU_MEM, cpu_mem_bytes=RENDER_HOST_MEM,
                         cpu=launch.cpu, fp16=not launch.cpu)
     run = resolve_run(spec, source, hardware)
-    flags = _effective_flags(list(launch.train_flags), spec, run.spec)
+    flags = _effective_flags(train_flags, spec, run.spec)
     words = ["--preset", preset.name, *flags]
     # k8s pods read the DeepSpeed config from the ConfigMap: DeepSpeed's own decisions (stage, offload, buckets)
     # live only there, the training values the flags carry are "auto" in it — one source for each value
@@ -286,15 +448,79 @@ def resolve(launch: Launch) -> SimpleNamespace:
         job_name=job_name, time=launch.time,
         signal_lead=launch.signal_lead, partition=launch.partition, image=launch.image, container=launch.container,
         cpus_per_task=launch.cpus_per_task or (1 if launch.cpu else 8), master_port=launch.master_port,
-        storage=launch.storage or ("1Gi" if launch.cpu else "500Gi"), memory=f"{_pod_memory_gib(run, source)}Gi",
-        shm="256Mi" if launch.cpu else "16Gi", backoff_limit=3 * launch.nodes,
+        storage=launch.storage or ("1Gi" if launch.cpu else "500Gi"), backoff_limit=3 * launch.nodes,
         hosts=launch.hosts or tuple(f"node-{i}" for i in range(launch.nodes)),
         train_words=words, train_lines=_group(words), k8s_args=k8s_words,
         k8s_output_dir=f"{RUNS_MOUNT}/{job_name}",
         ds_config_json=json.dumps(dsconfig.with_spec_autos(run.ds_config), indent=2),
+        **_site_inputs(launch, run, source),
     )
     assert EXIT_PREEMPTED == 75, "templates/_supervise.j2 and the Job's podFailurePolicy say 75"
     return r
+
+
+def _site_inputs(launch: Launch, run, source) -> dict:
+    """The site options as the templates read them, and the header lines that show each (set or assumed)."""
+    process_gib = _pod_memory_gib(run, source)
+    shm = launch.shm or ("256Mi" if launch.cpu else "16Gi")
+    shm_mib = int(shm[:-2]) * (1024 if shm.endswith("Gi") else 1)
+    total_mib = process_gib * 1024 + shm_mib
+    memory = f"{total_mib // 1024}Gi" if total_mib % 1024 == 0 else f"{total_mib}Mi"
+    access = ACCESS_MODES[launch.access_mode] if launch.access_mode else \
+        ("ReadWriteMany" if launch.nodes > 1 else "ReadWriteOnce")
+    tolerations = launch.tolerations if launch.tolerations is not None else (() if launch.cpu else (GPU_TOLERATION,))
+    output_root = launch.output_root or DEFAULT_OUTPUT_ROOT
+    hf_home = launch.hf_home or "$DSFLEET_OUTPUT_ROOT/hf-cache"
+    spec = run.spec
+    save = (f"every {spec.save_interval_minutes:g} min" if spec.save_interval_minutes else "no time-based one") + \
+        (f" and every {spec.save_steps} steps" if spec.save_steps else "")
+    watch = (f"--heartbeat_timeout {spec.heartbeat_timeout} s (a stopped/lost rank), --dist_timeout "
+             f"{spec.dist_timeout} s (a collective)")
+    unset = "unset:"
+    site_slurm = [
+        ("--partition", launch.partition or f"{unset} the cluster's default partition"),
+        ("--account", launch.account or f"{unset} the user's default account"),
+        ("--qos", launch.qos or f"{unset} the partition's default QOS"),
+        ("--mem", launch.mem or f"{unset} the cluster's default (this run plans about {process_gib} GiB a node)"),
+        ("--exclusive", "on: whole nodes" if launch.exclusive else "off: other jobs may share the nodes"),
+        ("--constraint", launch.constraint or f"{unset} any node of the partition"),
+        ("--setup", "the snippet in \"site setup\" below" if launch.setup else
+         f"{unset} dsfleet on the PATH of the submitting shell (DSFLEET_PYTHON)"),
+        ("--container", f"{launch.container} (image {launch.image})" if launch.container != "none" else
+         "none: the host's Python"),
+        ("--output-root", output_root + ("" if launch.output_root else " (not $HOME: quotas)")),
+        ("--hf-home", hf_home + " (one download for every rank)"),
+        ("--hf-offline", "on: only the cache, no downloads" if launch.hf_offline else "off: ranks may download"),
+        ("--max-requeues", f"{launch.max_requeues} restarts"),
+        ("checkpoints", save),
+        ("timeouts", watch),
+    ]
+    site_k8s = [
+        ("--image", launch.image + ("" if launch.image != DEFAULT_IMAGE else
+                                    " (build and push it: docker/build-image.sh; then pass --image REGISTRY/...)")),
+        ("--image-pull-secrets", ",".join(launch.image_pull_secrets) or f"{unset} a public or node-cached image"),
+        ("--storage-class", launch.storage_class or f"{unset} the cluster's default class (it must offer {access})"),
+        ("--access-mode", access + ("" if launch.access_mode else " (RWO for one pod, RWX for several)")),
+        ("--tolerations", ",".join(tolerations) or "none"),
+        ("--node-selector", ",".join(launch.node_selector) or f"{unset} any node with the resources"),
+        ("--queue", f"{launch.queue} (Kueue, gang admission)" if launch.queue else f"{unset} no Kueue"),
+        ("--priority-class", launch.priority_class or f"{unset} the cluster's default priority"),
+        ("--shm", f"{shm} memory-backed /dev/shm, inside the memory limit {memory} ({process_gib}Gi + {shm})"),
+        ("--secret", launch.secret or f"{unset} no credentials reach the ranks"),
+        ("checkpoints", save),
+        ("timeouts", watch),
+    ]
+    return dict(
+        account=launch.account, qos=launch.qos, mem=launch.mem, exclusive=launch.exclusive,
+        constraint=launch.constraint, setup=launch.setup, output_root=output_root, hf_home=hf_home,
+        hf_offline=launch.hf_offline, max_requeues=launch.max_requeues, srun_wait=SRUN_WAIT,
+        heartbeat_timeout=spec.heartbeat_timeout,
+        image_pull_secrets=launch.image_pull_secrets, storage_class=launch.storage_class, access_mode=access,
+        tolerations=[_toleration(t) for t in tolerations],
+        node_selector=[tuple(p.split("=", 1)) for p in launch.node_selector], queue=launch.queue,
+        priority_class=launch.priority_class, secret=launch.secret, shm=shm, memory=memory,
+        memory_why=f"{process_gib}Gi for the ranks + {shm} of /dev/shm (memory-backed: charged to this limit)",
+        site_slurm=site_slurm, site_k8s=site_k8s)
 
 
 RENDER_HOST_MEM = 2**40  # host memory a rendered job plans with when the site names none (offload fits)
@@ -402,11 +628,14 @@ def render(launch: Launch, targets: tuple[str, ...]) -> dict[str, str]:
 
 
 # which Launch fields each target's file depends on (its header's command names only those)
+_K8S_SITE = ("image_pull_secrets", "storage_class", "access_mode", "tolerations", "node_selector", "queue",
+             "priority_class", "shm", "secret", "hf_offline")
 OPTIONS_USED = {
     "hostfile": ("hosts",),
-    "slurm": ("time", "signal_lead", "partition", "cpus_per_task", "container", "image"),
-    "k8s": ("signal_lead", "cpus_per_task", "image", "master_port", "storage"),
-    "mpijob": ("signal_lead", "cpus_per_task", "image", "master_port", "storage"),
+    "slurm": ("time", "signal_lead", "partition", "cpus_per_task", "container", "image", "account", "qos", "mem",
+              "exclusive", "constraint", "setup", "output_root", "hf_home", "hf_offline", "max_requeues"),
+    "k8s": ("signal_lead", "cpus_per_task", "image", "master_port", "storage", *_K8S_SITE),
+    "mpijob": ("signal_lead", "cpus_per_task", "image", "master_port", "storage", *_K8S_SITE),
 }
 
 
@@ -421,8 +650,13 @@ def command(launch: Launch, target: str) -> str:
         words.append("--cpu")
     for attr in OPTIONS_USED[target]:
         value = getattr(launch, attr)
-        if value != getattr(d, attr):
-            words += ["--" + attr.replace("_", "-"), ",".join(value) if attr == "hosts" else str(value)]
+        if value == getattr(d, attr):
+            continue
+        if isinstance(value, bool):
+            words.append("--" + attr.replace("_", "-"))
+        else:
+            shown = (",".join(value) or "none") if isinstance(value, tuple) else str(value)
+            words += ["--" + attr.replace("_", "-"), shown]
     if launch.train_flags:
         words += ["--", *launch.train_flags]
     return shlex.join(words)

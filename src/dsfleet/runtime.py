@@ -27,16 +27,21 @@ def accelerator():
     return get_accelerator()
 
 
-def start_process_group(accel, local_rank: int, memory_fraction: float | None) -> None:
-    """Bind this rank's device and join the process group (DeepSpeed's own init, no MPI discovery: dist_env did it)."""
+def start_process_group(accel, local_rank: int, memory_fraction: float | None, timeout_s: int | None = None) -> None:
+    """Bind this rank's device and join the process group (DeepSpeed's own init, no MPI discovery: dist_env did it).
+    timeout_s (--dist_timeout): how long a collective may wait for a peer before it fails (torch's default
+    otherwise); a stopped or lost peer is the watchdog's (dsfleet/watchdog.py), which is faster."""
+    import datetime
+
     import deepspeed
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
         if memory_fraction:
             import torch
             torch.cuda.set_per_process_memory_fraction(memory_fraction, local_rank)
+    timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
-                               verbose=False)
+                               verbose=False, **timeout)
     from dsfleet import dist_env
     dist_env.release_cpu_allreduce_segment()
 

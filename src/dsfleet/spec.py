@@ -135,6 +135,14 @@ class RunSpec(BaseModel):
     # checkpoints, logging
     save_steps: int = Field(0, ge=0, description="checkpoint every N optimizer steps; 0: only at the end")
     save_total_limit: int | None = Field(None, gt=0, description="keep only the newest N checkpoints; unset: all")
+    save_interval_minutes: float = Field(0, ge=0, description="also checkpoint once this many minutes have passed "
+                                         "since the last save (every rank agrees at a step boundary); 0: steps "
+                                         "only. Rendered launch files default to 30")
+    dist_timeout: int = Field(1800, gt=0, description="seconds a collective may wait for a peer before it fails "
+                              "(torch.distributed's timeout): a rank alive but stuck")
+    heartbeat_timeout: int = Field(120, ge=0, description="seconds without a peer's heartbeat after which every rank "
+                                   "exits 75 naming the missing rank (a stopped, killed or lost rank; the launchers "
+                                   "restart the job, which resumes); 0: no watchdog")
     resume_from_checkpoint: str | None = Field(None, description="auto (the latest complete checkpoint in "
                                                "--output_dir, if any), a step dir, or a checkpoints dir; restores "
                                                "model, optimizer, scheduler, step, data position and RNG")

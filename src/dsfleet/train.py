@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dsfleet.train") -
 
 def train(spec) -> int:
     # ---- 1. what to train, where, with what: every check before the first byte is written ---------------
-    from dsfleet import checkpoint, data, dist_env, fastpath, models, rundir, runtime, schedule
+    from dsfleet import checkpoint, data, dist_env, fastpath, models, rundir, runtime, schedule, watchdog
     from dsfleet.resolve import Hardware, describe, resolve
     denv = dist_env.setup()
     world = spec.planned_world_size(denv.world_size)  # --num_gpus N: a dry run / memory check plans for N ranks
@@ -46,7 +46,8 @@ def train(spec) -> int:
         hardware = Hardware.live(world, accel, spec.gpu_mem_bytes)
         print(describe(resolve(spec, source, hardware), source)) if is_main else None
         return 0
-    runtime.start_process_group(accel, denv.local_rank, spec.gpu_memory_fraction)
+    runtime.start_process_group(accel, denv.local_rank, spec.gpu_memory_fraction, spec.dist_timeout)
+    watchdog.start(spec, denv, out)  # a lost or stopped peer: one line, exit 75 (dist_env.leave_process_group stops it)
     import torch
     import torch.distributed as dist
     raw = data.load_checked(spec, denv.world_size)
