@@ -252,6 +252,21 @@ CASES = [
          "--mamba_kernels on, but the mamba_ssm / causal_conv1d CUDA kernels cannot run here"),
     Case("mamba-kernels-bad-value", "cli", ("train", "--preset", "mamba_tiny", "--from_scratch", "--mamba_kernels", "yes"),
          "mamba_kernels"),
+    # ---- launch files for real clusters: site options, timeouts, checkpoint interval (issue 20) -------------------
+    Case("render-rwo-for-two-pods", "render", ("render", "--preset", "t5_tiny", "--target", "k8s", "--nodes", "2",
+                                               "--gpus-per-node", "1", "--cpu", "--access-mode", "RWO", "--out", OUT,
+                                               "--", "--from_scratch"), "--access-mode RWO mounts the run dir on one node"),
+    Case("render-setup-not-bash", "render", ("render", "--preset", "t5_tiny", "--target", "slurm", "--nodes", "1",
+                                             "--gpus-per-node", "1", "--setup", "module load cuda; fi", "--out", OUT,
+                                             "--", "--from_scratch"), "--setup is not a shell snippet bash can run"),
+    Case("render-bad-toleration", "render", ("render", "--preset", "t5_tiny", "--target", "k8s", "--nodes", "1",
+                                             "--gpus-per-node", "1", "--tolerations", "gpu:Sometimes", "--out", OUT,
+                                             "--", "--from_scratch"), "is not KEY[=VALUE][:EFFECT]"),
+    Case("render-max-requeues-negative", "render", ("render", "--preset", "t5_tiny", "--target", "slurm", "--nodes", "1",
+                                                    "--gpus-per-node", "1", "--max-requeues", "-1", "--out", OUT, "--",
+                                                    "--from_scratch"), "--max-requeues -1 is negative"),
+    Case("save-interval-negative", "cli", ("train", *TINY, "--save_interval_minutes", "-5"), "save_interval_minutes"),
+    Case("dist-timeout-zero", "cli", ("train", *TINY, "--dist_timeout", "0"), "dist_timeout"),
 ]
 
 

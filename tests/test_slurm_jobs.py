@@ -13,7 +13,14 @@ allocation's nodelist, and train as 2 real DeepSpeed ranks over gloo.
   with SLURM_RESTART_COUNT=1, resumes from the checkpoint and ends COMPLETED; the losses after the resume equal the
   uninterrupted run's at the same steps (same seed; measured equal to ~1e-6, asserted within RTOL);
 - 2 nodes x 1 rank: the ranks on two slurmd nodes meet at the first host of the nodelist;
-- every committed slurm/*.sbatch is accepted by the controller (`sbatch --test-only`).
+- every committed slurm/*.sbatch is accepted by the controller (`sbatch --test-only`), and so is one with every site
+  option set;
+- every job here runs with bash 4.2's `wait` (tests/test_render.py's OLD_BASH_WAIT through BASH_ENV, which the batch
+  shell reads: no `wait -n`/`-p`), the shell of RHEL 7; with a stand-in trainer (DSFLEET_PYTHON, a shell script) the
+  script's verdicts are checked directly: exit 0 -> COMPLETED; every task fails -> FAILED with that code, never 0;
+  exit 75 after the requeue cap -> FAILED 75 with the reason, no requeue;
+- a real 2-rank batch job whose rank 1 gets SIGSTOP: rank 0's watchdog exits 75, srun ends the stopped task, the
+  script requeues on the restart_requested marker, and the restarted job resumes and ends COMPLETED.
 """
 from __future__ import annotations
 
@@ -25,8 +32,11 @@ from pathlib import Path
 
 import pytest
 
+import psutil
+
 from tests.launch import REPO, VENV_BIN, losses
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
+from tests.test_render import OLD_BASH_WAIT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -38,10 +48,11 @@ FLAGS = ["--from_scratch", "--dataset_name", "embedded", "--max_steps", str(MAX_
 JOB_TIMEOUT = 240  # s for one job to reach its final state, restarts included
 
 
-def render(out: Path, nodes: int, ranks: int) -> Path:
+def render(out: Path, nodes: int, ranks: int, *options: str, flags: tuple[str, ...] = ()) -> Path:
     proc = subprocess.run([str(VENV_BIN / "dsfleet"), "render", "--preset", "t5_tiny", "--target", "slurm", "--nodes",
                            str(nodes), "--gpus-per-node", str(ranks), "--cpu", "--time", "00:15:00", "--signal-lead",
-                           "60", "--out", str(out), "--", *FLAGS], cwd=REPO, capture_output=True, text=True, timeout=120)
+                           "60", *options, "--out", str(out), "--", *FLAGS, *flags], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return out / "slurm" / "t5_tiny.sbatch"
 
@@ -53,9 +64,11 @@ def script(tmp_path_factory) -> Path:
 
 
 class Job:
-    def __init__(self, cluster, script: Path, workdir: Path):
+    def __init__(self, cluster, script: Path, workdir: Path, python: str = sys.executable, **env_extra: str):
         self.cluster, self.workdir, self.runs = cluster, workdir, workdir / "runs"
-        env = cluster.env(DSFLEET_PYTHON=sys.executable, DSFLEET_OUTPUT_ROOT=str(self.runs))
+        (workdir / "old_bash_wait.sh").write_text(OLD_BASH_WAIT)
+        env = cluster.env(DSFLEET_PYTHON=python, DSFLEET_OUTPUT_ROOT=str(self.runs),
+                          BASH_ENV=str(workdir / "old_bash_wait.sh"), **env_extra)
         self.id = cluster.sbatch(script, cwd=workdir, env=env)
         self.run_dir = self.runs / f"dsfleet-t5-tiny-{self.id}"  # $SLURM_JOB_NAME-$SLURM_JOB_ID
         self.log = workdir / f"dsfleet-t5-tiny-{self.id}.out"  # --output=%x-%j.out in the submit dir
@@ -81,9 +94,9 @@ class Job:
                                      f"{self.cluster.log_tail()}")
             time.sleep(0.2)
 
-    def wait(self) -> dict[str, str]:
+    def wait(self, states: tuple[str, ...] = ("COMPLETED",), timeout: float = JOB_TIMEOUT) -> dict[str, str]:
         try:
-            return self.cluster.wait_job(self.id, timeout=JOB_TIMEOUT)
+            return self.cluster.wait_job(self.id, states, timeout=timeout)
         except AssertionError as e:
             raise AssertionError(f"{e}\n--- job output\n{self.ours()}") from None
 
@@ -101,6 +114,7 @@ def test_tiny_sbatch_runs_to_completed(baseline):
     assert info["JobState"] == "COMPLETED" and info.get("ExitCode", "0:0") == "0:0", info
     out = job.ours()
     assert f"dsfleet: job {job.id} restart 0" in out and "2 rank(s) via slurm" in out, out
+    assert "invalid option" not in job.text()  # the loop never asked bash 4.2's wait for -n or -p
     loss = losses(job.run_dir)
     assert sorted(loss) == list(range(1, MAX_STEPS + 1)), sorted(loss)
     assert sum(loss[s] for s in range(MAX_STEPS - 4, MAX_STEPS + 1)) < 0.5 * sum(loss[s] for s in range(1, 6)), loss
@@ -183,3 +197,74 @@ def test_every_committed_sbatch_passes_test_only(slurm_cluster, script, tmp_path
     too_many = slurm_cluster.run("sbatch", "--test-only", "-p", "gpu", "--gpus-per-node=9", committed[0], cwd=tmp_path,
                                  check=False)
     assert too_many.returncode != 0 and "not available" in too_many.stderr, too_many
+
+
+# ------------------------------------------------------------------------------------------------ the script's verdicts
+
+FAKE_TRAINER = """#!/bin/bash
+# stands in for the interpreter: `FAKE -m dsfleet.train ARGS` in each srun task; exits with FAKE_CODE
+echo "dsfleet-fake: task $SLURM_PROCID restart ${SLURM_RESTART_COUNT:-0} exits $FAKE_CODE"
+exit "$FAKE_CODE"
+"""
+
+
+@pytest.mark.parametrize("code, state, exit_code, words", [
+    (0, "COMPLETED", "0:0", None),
+    (3, "FAILED", "3:0", None),
+    (75, "FAILED", "75:0", "has restarted 0 times (DSFLEET_MAX_REQUEUES=0): not requeueing"),
+])
+def test_the_script_s_verdict_follows_the_trainer(slurm_cluster, script, tmp_path, code, state, exit_code, words):  # noqa: F811
+    """Never exit 0 without training: the batch script's own exit is the trainer's, under bash 4.2's wait."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_TRAINER)
+    fake.chmod(0o755)
+    job = Job(slurm_cluster, script, tmp_path, python=str(fake), FAKE_CODE=str(code), DSFLEET_MAX_REQUEUES="0")
+    info = job.wait((state,), timeout=90)
+    assert info.get("ExitCode") == exit_code, (info, job.text())
+    text = job.text()
+    assert text.count(f"exits {code}") == 2, text  # both tasks ran to their end
+    assert "invalid option" not in text, text
+    if words:
+        assert words in text, text
+
+
+def test_every_site_option_passes_test_only(slurm_cluster, tmp_path):  # noqa: F811
+    """Account, QOS, memory, exclusive, constraint, setup, roots, offline cache, requeue cap: the controller accepts
+    the script (the local nodes carry no features, so --constraint is judged as written and then cleared)."""
+    path = render(tmp_path / "render", 1, 2, "--account", "proj-42", "--mem", "500M", "--exclusive", "--constraint",
+                  "h100&ib", "--setup", "export SITE_SETUP=1 && umask 0002", "--output-root", "/tmp/dsfleet-runs",
+                  "--hf-home", "$TMPDIR/hf", "--hf-offline", "--max-requeues", "3", "--qos", "normal")
+    as_written = slurm_cluster.run("sbatch", "--test-only", path, cwd=tmp_path, check=False)
+    assert as_written.returncode == 0 or "node configuration is not available" in as_written.stderr or \
+        "Invalid feature" in as_written.stderr, as_written.stderr  # only the features this cluster lacks
+    cleared = slurm_cluster.run("sbatch", "--test-only", "--constraint=", path, cwd=tmp_path, check=False)
+    assert cleared.returncode == 0 and "to start at" in cleared.stderr, cleared.stderr
+
+
+def rank_process(run_dir: Path, procid: str) -> psutil.Process:
+    """The srun task with SLURM_PROCID=procid training into run_dir (slurmd runs it on this machine)."""
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.info["cmdline"] and "dsfleet.train" in p.info["cmdline"] and str(run_dir) in p.info["cmdline"] \
+                    and p.environ().get("SLURM_PROCID") == procid:
+                return p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no rank {procid} training into {run_dir}")
+
+
+@pytest.mark.timeout(600)
+def test_a_stopped_rank_ends_in_a_requeue_and_a_finished_run(slurm_cluster, tmp_path):  # noqa: F811
+    script = render(tmp_path / "render", 1, 2, flags=("--heartbeat_timeout", "10"))
+    job = Job(slurm_cluster, script, tmp_path)
+    job.wait_steps(SAVE_STEPS + 2)
+    rank_process(job.run_dir, "1").suspend()  # SIGSTOP
+    info = job.wait(timeout=420)
+    out = job.text()
+    assert info["JobState"] == "COMPLETED", (info, out[-3000:])
+    assert re.search(r"dsfleet: rank 1 \(host \S+, pid \d+\) has sent no heartbeat for \d+ s", out), out[-3000:]
+    assert f"requeueing job {job.id}" in out and f"dsfleet: job {job.id} restart 1" in out, job.ours()
+    m = re.search(rf"resumed from {re.escape(str(job.run_dir))}/checkpoints/step_(\d+) at step (\d+)", out)
+    assert m and int(m.group(1)) >= SAVE_STEPS, job.ours()
+    assert sorted(losses(job.run_dir)) == list(range(1, MAX_STEPS + 1))
+    assert (job.run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{MAX_STEPS}"
