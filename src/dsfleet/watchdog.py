@@ -136,6 +136,7 @@ class Watchdog:
     def _lost(self, peer: int, value: bytes | None, age: float) -> None:
         if value is None:
             self._exit(f"rank {peer} sent no heartbeat in {age:.0f} s (it never started its watchdog)")
+            return
         _, host, pid = value.decode(errors="replace").split(" ", 2)
         self._exit(f"rank {peer} (host {host}, pid {pid}) has sent no heartbeat for {age:.0f} s (stopped, killed or "
                    "its node lost)")
