@@ -18,6 +18,11 @@ What is real and what stands in (no Kubernetes here):
 - not emulated: the image itself, runAsUser 1001 (the processes run as the test's user), resource limits, and
   a network namespace per pod.
 
+Gang restart: a rank of pod 1 gets SIGSTOP (a frozen process). Rank 0's watchdog exits 75 within the heartbeat
+timeout (10 s here) with one line naming rank 1, pod 1's launcher ends its rank whose heartbeat file aged past
+DSFLEET_HEARTBEAT_TIMEOUT and exits 75: both pods end with the code the podFailurePolicy ignores, no pod is left
+hanging, and the replacements (every index) resume from latest.
+
 Preemption: an evicted pod gets SIGTERM on its PID 1 (the launcher), which forwards it to its ranks; all ranks agree
 at the next step, save a checkpoint and exit 75, which the Job's podFailurePolicy ignores (no backoff count) and
 replaces the pod; the replacements resume from /checkpoints/<job>/checkpoints/latest and finish.
@@ -34,6 +39,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import yaml
 
@@ -45,7 +51,7 @@ MAX_STEPS = 60
 SAVE_STEPS = 10
 TINY_FLAGS = ["--from_scratch", "--dataset_name", "embedded", "--max_steps", str(MAX_STEPS),
               "--per_device_train_batch_size", "16", "--logging_steps", "1", "--save_steps", str(SAVE_STEPS),
-              "--zero", "2", "--no_progress"]
+              "--zero", "2", "--no_progress", "--heartbeat_timeout", "10"]
 INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 IMAGE_ENV = {  # what the image's ENV and user would give the container
     "PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -265,3 +271,45 @@ def test_pods_train_and_an_evicted_pod_resumes(job):
     assert (run_dir / "final" / "model.safetensors").is_file()
     spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
     assert spec["deepspeed"] == "/etc/dsfleet/ds_config.json"  # the ConfigMap's DeepSpeed config drove the run
+
+
+def rank_in_pod(port: int, rank: str) -> psutil.Process:
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.info["cmdline"] and "dsfleet.train" in p.info["cmdline"] and \
+                    p.environ().get("MASTER_PORT") == str(port) and p.environ().get("RANK") == rank:
+                return p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no rank {rank} on port {port}")
+
+
+def test_a_stopped_rank_ends_every_pod_and_the_gang_resumes(job):
+    j = job.docs["Job"]
+    pvc = job.root / "pvc-gang"
+    pvc.mkdir()
+    pods = [Pod(job, i, pvc) for i in range(j["spec"]["completions"])]
+    for pod in pods:
+        pod.log = job.root / f"{pod.name}-gang.log"
+    run_dir = pvc / Path(pods[0].env["DSFLEET_OUTPUT_DIR"]).relative_to("/checkpoints")
+    assert pods[0].env["DSFLEET_HEARTBEAT_TIMEOUT"] == "10"  # the rendered --heartbeat_timeout
+    stopped = {}
+
+    def stop_rank_1():
+        stopped["at"] = time.monotonic()
+        rank_in_pod(job.port, "1").suspend()  # SIGSTOP
+
+    codes = run_pods(pods, 300, until=lambda: logged_steps(run_dir) >= SAVE_STEPS + 2, then=stop_rank_1)
+    took = time.monotonic() - stopped["at"]
+    logs = "\n".join(p.tail() for p in pods)
+    assert codes == [75, 75], f"exit codes {codes}\n{logs}"
+    assert took < 10 + 20, f"the pods took {took:.0f} s to end after the stop\n{logs}"
+    log0, log1 = pods[0].log.read_text(), pods[1].log.read_text()
+    assert re.search(r"dsfleet: rank 1 \(host dsfleet-t5-tiny-1, pid \d+\) has sent no heartbeat", log0), logs
+    assert "has not beaten for over 10s (stopped or hung): killing it" in log1, logs
+    saved = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    codes = run_pods(pods, 300)  # the Job replaces both pods: the whole gang starts again
+    logs = "\n".join(p.tail() for p in pods)
+    assert codes == [0, 0], f"exit codes {codes}\n{logs}"
+    assert f"at step {saved}" in pods[0].log.read_text(), logs
+    assert sorted(losses(run_dir)) == list(range(1, MAX_STEPS + 1))
