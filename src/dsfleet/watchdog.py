@@ -185,6 +185,8 @@ def _peer_failure_hook(previous):
         w = _active
         if w is None or w._stopped.is_set() or not _is_peer_failure(exc):
             return previous(exc_type, exc, tb)
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a launcher ending this failed rank (deepspeed's does) wins
         w.wait_for_verdict()  # normally ends the process with the watchdog's line
         first = (str(exc).strip().splitlines() or [exc_type.__name__])[0][:200]
         w._exit(f"a collective failed while every peer still beats ({first})")
