@@ -57,6 +57,8 @@ IMAGE_ENV = {  # what the image's ENV and user would give the container
     "PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": os.environ.get("HOME", "/root"),
     "LANG": "C.UTF-8",
+    # the image's dsfleet is the checkout under test (a worktree puts its src/ first, as the tests' own ranks get it)
+    **({"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}),
 }
 
 
