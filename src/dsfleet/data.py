@@ -117,7 +117,7 @@ def run_tokenizer(spec, source, raw, out: Path, rank: int):
     resume), else a BPE trained by rank 0 on the training text and sent to every rank (saved with the run dir
     once every check has passed: `trained_here`)."""
     import torch.distributed as dist
-    name = spec.tokenizer_name or (spec.model_name_or_path if not spec.from_scratch else None)
+    name = spec.tokenizer_name or model_dir_tokenizer(spec)
     if name:
         return load_tokenizer(name)
     if (out / "tokenizer" / "tokenizer.json").is_file():
@@ -130,6 +130,20 @@ def run_tokenizer(spec, source, raw, out: Path, rank: int):
     tokenizer = _fast_tokenizer(serialized[0])
     tokenizer.trained_here = True
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json")
+
+
+def model_dir_tokenizer(spec) -> str | None:
+    """The model's own tokenizer: --model_name_or_path when loading weights (a dir or hub id: it must have one),
+    and with --from_scratch a model dir (or --config_name dir) that holds tokenizer files."""
+    if spec.model_name_or_path and not spec.from_scratch:
+        return spec.model_name_or_path
+    for where in (spec.model_name_or_path, getattr(spec, "config_name", None)):
+        if where and Path(where).is_dir() and any((Path(where) / f).is_file() for f in TOKENIZER_FILES):
+            return where
+    return None
 
 
 def load_tokenizer(path: str):
@@ -273,7 +287,7 @@ def prepare(spec, source, raw, out: Path, rank: int):
     check of the data happens here, before the run dir is written."""
     if raw is None:
         vocab = int(source.preset.config.get("vocab_size", 32128))
-        seq2seq = source.family == "t5"
+        seq2seq = source.seq2seq
         src = spec.max_source_length if seq2seq else spec.block_size
         n = spec.max_train_samples or 100_000
         return None, {"train": SyntheticTokens(n, vocab, seq2seq, src, spec.max_target_length, spec.seed),
@@ -309,8 +323,12 @@ class SyntheticTokens(torch.utils.data.Dataset):
 @dataclass
 class Collator:
     """Dynamic padding to the longest row of the batch (labels padded with -100, ignored by the loss)."""
-    pad_id: int
+    pad_id: int | None  # a tokenizer without a pad token (many causal LMs'): 0, never seen in unpadded blocks
     seq2seq: bool
+
+    def __post_init__(self):
+        if self.pad_id is None:
+            self.pad_id = 0
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         def pad(seqs, value):

@@ -34,18 +34,41 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 512 * 2**20  # fp32 logits alive at once in the fused loss
-FUSED_LOSS_FAMILIES = ("gpt2", "t5")
 VOCAB_MULTIPLE = 64  # the fused loss pads the vocabulary to a multiple of this, inside the op
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The loss: linear layer + cross-entropy in row chunks.
 
-def fused_loss_skip_reason(family: str, zero_stage: int) -> str | None:
-    """Why `fused_loss` is not used for this model family at this ZeRO stage; None when it is. The one rule that
-    `apply` follows and the memory planner counts activations by."""
-    if family not in FUSED_LOSS_FAMILIES:
+# config keys of models whose logits are not the output embedding's product alone (a soft cap, a scale, a bias
+# after the head): the fused loss would compute another function, so it is skipped for them
+POST_HEAD_CONFIG_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                         "logits_soft_cap")
+NO_FUSED_LOSS_FAMILIES = ("mamba",)  # transformers' Mamba: its own loss (the planner's formula counts that path)
+
+
+def fused_loss_skip_reason(family: str, zero_stage: int, model=None) -> str | None:
+    """Why `fused_loss` is not used for this model at this ZeRO stage; None when it is. The one rule that `apply`
+    follows and the memory planner counts activations by. Any causal LM or seq2seq model whose logits are its
+    output embedding's product qualifies (with `model` given, what the model has is checked: an output embedding,
+    nothing added after it)."""
+    if family in NO_FUSED_LOSS_FAMILIES:
         return f"{family} has no output-embedding loss to fuse"
+    if model is not None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None or getattr(head, "weight", None) is None:
+            return f"{type(model).__name__} has no output embedding"
+        if getattr(head, "bias", None) is not None:
+            return f"{type(model).__name__}'s output embedding has a bias"
+        if getattr(model, "final_logits_bias", None) is not None:
+            return f"{type(model).__name__} adds final_logits_bias after its head"
+        cfg = getattr(model, "config", None)
+        extra = [k for k in POST_HEAD_CONFIG_KEYS if getattr(cfg, k, None) not in (None, 0, 1, 1.0)]
+        if extra:
+            return f"{type(model).__name__} transforms its logits ({extra[0]})"
+        if cfg is not None and cfg.is_encoder_decoder and not (hasattr(model, "prepare_decoder_input_ids_from_labels")
+                                                               or hasattr(model, "_shift_right")):
+            return f"{type(model).__name__} cannot make decoder inputs from labels"
     if zero_stage == 3:
         return "ZeRO-3 partitions the output embedding"
     return None
@@ -178,13 +201,19 @@ class _HeadBypass:
         del self.head.forward
 
 
-def install_fused_loss(model, family: str) -> None:
+def install_fused_loss(model, family: str | None = None) -> None:
     """Replace `model.forward` (on the instance) so a training call with labels computes the fused loss.
     Calls without labels, or with anything beyond input_ids/attention_mask/labels (generation, eval with
-    extra outputs), go to the model's own forward unchanged."""
+    extra outputs), go to the model's own forward unchanged. Seq2seq or not is what the model's config says;
+    the decoder inputs are the model's own shift of the labels (T5's _shift_right, BART's shift_tokens_right)."""
     original = model.forward
     head = model.get_output_embeddings()
-    seq2seq = family == "t5"
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if seq2seq and shift is None:
+        shift = lambda labels: model._shift_right(labels)  # noqa: E731
+    elif seq2seq:
+        shift = functools.partial(lambda f, labels: f(labels=labels), shift)
 
     @functools.wraps(original)  # generation inspects forward's signature: it keeps seeing the model's own
     def forward(*args, **kwargs):
@@ -195,7 +224,7 @@ def install_fused_loss(model, family: str) -> None:
         with _HeadBypass(head):
             if seq2seq:
                 out = original(input_ids=input_ids, attention_mask=attention_mask,
-                               decoder_input_ids=model._shift_right(labels), use_cache=False)
+                               decoder_input_ids=shift(labels), use_cache=False)
                 targets = labels
             else:
                 # dsfleet's causal-LM batches are unpadded blocks (data.Collator: the mask is all ones), so
@@ -249,11 +278,13 @@ def compile_blocks(model) -> int:
     return len(blocks)
 
 
-def attn_implementation(spec, family: str) -> str | None:
-    """What to pass as transformers' attn_implementation: "auto" means SDPA when the model class has it."""
+def attn_implementation(spec, cls) -> str | None:
+    """What to pass as transformers' attn_implementation for the model class `cls` (a family name is looked up):
+    "auto" means SDPA when the class supports it, else the class's own attention."""
     from dsfleet.cli import fail
-    from dsfleet.models import family as model_family
-    cls = model_family(family).model_cls
+    if isinstance(cls, str):
+        from dsfleet.models import family as model_family
+        cls = model_family(cls).model_cls
     wanted = spec.attn_implementation
     if wanted == "auto":
         return "sdpa" if getattr(cls, "_supports_sdpa", False) else None
@@ -300,10 +331,12 @@ def apply(model, spec, family: str, zero_stage: int) -> FastPath:
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl:
         fast.parts.append(f"attention {impl}")
+    if spec.attn_implementation == "auto" and impl not in ("sdpa", "flash_attention_2"):
+        fast.skipped.append(f"SDPA ({type(model).__name__} has no SDPA attention: its own)")
     if spec.fused_activation and fuse_activations(model):
         fast.parts.append("fused GELU")
     if spec.fused_loss:
-        skip = fused_loss_skip_reason(family, zero_stage)
+        skip = fused_loss_skip_reason(family, zero_stage, model)
         if skip:
             fast.skipped.append(f"fused loss ({skip})")
         else:
@@ -315,7 +348,11 @@ def apply(model, spec, family: str, zero_stage: int) -> FastPath:
             fast.parts.append(f"ZeRO-3 gathers for {gather_mamba_mixer_weights(model)} Mamba mixers the weights they "
                               "read directly")
     if spec.compile:
-        fast.parts.append(f"torch.compile of {compile_blocks(model)} blocks")
+        compiled = compile_blocks(model)
+        if compiled:
+            fast.parts.append(f"torch.compile of {compiled} blocks")
+        else:
+            fast.skipped.append(f"torch.compile ({type(model).__name__} has no ModuleList of repeated blocks)")
         if "fused chunked cross-entropy" in fast.parts:
             compile_loss()
             fast.parts.append("compiled cross-entropy")

@@ -2,7 +2,8 @@
 --report_to (TensorBoard, Weights & Biases, MLflow: dsfleet/trackers.py).
 
 Throughput is measured, not assumed: tokens/s from the padded batch shapes actually computed, TFLOP/s from
-a stated per-family FLOP count (6 x params x tokens, plus GPT-2's attention term), MFU against a given peak.
+a stated FLOP count (6 x params x tokens, plus the attention scores from the config's heads, head size and
+layers — any transformers decoder or encoder-decoder — and Mamba's scan), MFU against a given peak.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class FlopCounter:
     torch's FlopCounterMode on the tiny presets."""
 
     SCAN_FLOPS = 9  # per token x d_inner x d_state, forward
+    # the decoder's cross-attention keys and values project the encoder's output (source tokens): T5/mT5, BART-likes
+    CROSS_KV = (".EncDecAttention.k.", ".EncDecAttention.v.", ".encoder_attn.k_proj.", ".encoder_attn.v_proj.")
 
     def __init__(self, model, family: str):
         self.family = family
@@ -36,26 +39,45 @@ class FlopCounter:
         total = max(total, sum(ds_numel))
         self.n_params = total
         cfg = model.config
-        if family == "t5":
-            # the decoder's cross-attention keys and values project the encoder's output: source tokens
+        self.seq2seq = bool(getattr(cfg, "is_encoder_decoder", False))
+        if self.seq2seq:
             enc = sum(getattr(p, "ds_numel", p.numel()) for n, p in params.items()
-                      if n.startswith("encoder.") or ".EncDecAttention.k." in n or ".EncDecAttention.v." in n)
+                      if ".encoder." in "." + n or any(k in "." + n for k in self.CROSS_KV))
             self.n_enc, self.n_dec = enc, total - enc
-            self.inner = cfg.num_heads * cfg.d_kv
-            self.layers_enc, self.layers_dec = cfg.num_layers, cfg.num_decoder_layers
-        self.attn = 12 * getattr(cfg, "n_layer", 0) * getattr(cfg, "n_embd", 0) if family == "gpt2" else 0
+            heads = _first(cfg, "num_heads", "encoder_attention_heads", "num_attention_heads")
+            self.inner = heads * (_first(cfg, "d_kv", "head_dim") or _first(cfg, "d_model", "hidden_size") // heads)
+            self.layers_enc = _first(cfg, "num_layers", "encoder_layers", "num_hidden_layers")
+            self.layers_dec = _first(cfg, "num_decoder_layers", "decoder_layers") or self.layers_enc
+        # attention scores: QK^T and AV, 2 x 2 x seq x (heads x head_dim) per token and layer in forward, x3
+        self.attn = 0
+        if family == "gpt2":
+            self.attn = 12 * cfg.n_layer * cfg.n_embd
+        elif family != "mamba" and not self.seq2seq:
+            heads = _first(cfg, "num_attention_heads", "n_head")
+            hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
+            head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if heads else 0)
+            self.attn = 12 * (_first(cfg, "num_hidden_layers", "n_layer") or 0) * (heads or 0) * head_dim
         self.scan = (3 * self.SCAN_FLOPS * cfg.num_hidden_layers * cfg.intermediate_size * cfg.state_size
                      if family == "mamba" else 0)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> float:
         ids = batch["input_ids"]
-        if self.family == "t5":
+        if self.seq2seq:
             labels = batch["labels"]
             rows, src, tgt = ids.shape[0], ids.shape[-1], labels.shape[-1]
             scores = 12.0 * rows * self.inner * (self.layers_enc * src * src + self.layers_dec * (tgt * tgt + tgt * src))
             return 6.0 * (self.n_enc * ids.numel() + self.n_dec * labels.numel()) + scores
         seq = ids.shape[-1]
         return (6.0 * self.n_params + self.attn * seq + self.scan) * ids.numel()
+
+
+def _first(cfg, *names):
+    """The first of these config attributes that is set (configs name the same dim differently)."""
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value:
+            return int(value)
+    return 0
 
 
 def batch_tokens(batch: dict[str, torch.Tensor], seq2seq: bool) -> int:

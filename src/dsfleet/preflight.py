@@ -18,6 +18,8 @@ probe with the interpreter the deepspeed launcher will run there, and compares t
   port       --master-port free on the first host (the rendezvous)
   clock      clock offset to the first host, measured over ssh, within --max-clock-skew
   nccl_env   NCCL_* / TORCH_NCCL_* in a fresh ssh shell equal across hosts
+  model      with --model_name_or_path / --config_name (as train takes them): the model dir or config.json is
+             there on every host with the same model_type (readable here first: a bad one is bad input)
 
 Output: a rich table (host x check), or --json; one line per failing host and check on stderr. Exit 0 all pass,
 1 the cluster has a problem, 2 bad input (malformed hostfile or .deepspeed_env, missing ssh config, bad option).
@@ -40,7 +42,7 @@ from dsfleet.cli import fail
 from dsfleet.hostfile import HostEntry, over_capacity, read_hostfile
 
 CHECKS = ("ssh", "python", "torch", "deepspeed", "dsfleet", "ops", "devices", "workdir", "disk", "shm", "port",
-          "clock", "nccl_env")
+          "clock", "nccl_env", "model")
 # what docker/common.sh's required_ops builds into the image, per flavour
 DEFAULT_OPS = {"cpu": "cpu_adam,async_io,deepspeed_shm_comm", "gpu": "cpu_adam,async_io,fused_adam"}
 ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_")
@@ -72,6 +74,10 @@ def add_arguments(parser) -> None:
                              f"gpu: {DEFAULT_OPS['gpu']}; cpu: {DEFAULT_OPS['cpu']}; '' for none)")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds for each host's probe (180)")
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to open ssh to a host (10)")
+    parser.add_argument("--model_name_or_path", "--model-name-or-path", dest="model_name_or_path", metavar="DIR",
+                        help="the run's model dir (as train's flag): checked on every host (same model_type)")
+    parser.add_argument("--config_name", "--config-name", dest="config_name", metavar="DIR|FILE",
+                        help="the run's transformers config (as train's flag): checked on every host")
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -91,6 +97,8 @@ class Options:
     timeout: float = 180.0
     connect_timeout: float = 10.0
     ssh_config: str | None = None
+    model: str | None = None  # absolute path of the model dir / config.json the run reads
+    model_type: str | None = None  # what it says here
 
 
 def options(args) -> Options:
@@ -116,7 +124,17 @@ def options(args) -> Options:
              "DSFLEET_SSH_CONFIG to use ~/.ssh/config)")
     if not args.python.strip():
         fail("--python is empty — pass the interpreter path the launcher runs on the hosts")
-    return Options(cpu=args.cpu, python=args.python, output_dir=os.path.abspath(os.path.expanduser(args.output_dir)),
+    model = getattr(args, "config_name", None) or getattr(args, "model_name_or_path", None)
+    model_type = None
+    if model:
+        from dsfleet.models import model_config
+        flag = "--config_name" if getattr(args, "config_name", None) else "--model_name_or_path"
+        model_type = model_config(model, flag=flag).model_type  # unreadable here: one line, exit 2
+        if Path(model).expanduser().exists():
+            model = os.path.abspath(os.path.expanduser(model))
+        else:
+            model = None  # a hub id: nothing to find on the hosts' disks
+    return Options(model=model, model_type=model_type, cpu=args.cpu, python=args.python, output_dir=os.path.abspath(os.path.expanduser(args.output_dir)),
                    workdir=os.getcwd(), min_free_gb=args.min_free_gb, min_shm_gb=args.min_shm_gb,
                    master_port=args.master_port, max_clock_skew=args.max_clock_skew, require_ops=ops,
                    timeout=args.timeout, connect_timeout=args.connect_timeout,
@@ -199,6 +217,13 @@ except OSError as e:
 finally:
     s.close()
 r["nccl_env"] = {k: v for k, v in os.environ.items() if k.startswith(tuple(A["env_prefixes"]))}
+if A.get("model"):
+    cfg = A["model"] if A["model"].endswith(".json") else os.path.join(A["model"], "config.json")
+    try:
+        with open(cfg) as f:
+            r["model"] = {"model_type": json.load(f).get("model_type")}
+    except BaseException as e:
+        r["model"] = {"error": ("%s: %s" % (type(e).__name__, e))[:300]}
 print(A["marker"] + json.dumps(r), flush=True)
 '''
 
@@ -206,7 +231,7 @@ print(A["marker"] + json.dumps(r), flush=True)
 def probe_command(opts: Options) -> str:
     """The shell command that runs PROBE with the launcher's interpreter on a host (quoting-proof: base64)."""
     args = {"cpu": opts.cpu, "workdir": opts.workdir, "output_dir": opts.output_dir, "port": opts.master_port,
-            "env_prefixes": list(ENV_PREFIXES), "marker": MARKER}
+            "env_prefixes": list(ENV_PREFIXES), "marker": MARKER, "model": opts.model}
     code = f"A = {args!r}\n{PROBE}"
     payload = base64.b64encode(code.encode()).decode()
     return f"{shlex.quote(opts.python)} -c \"import base64; exec(base64.b64decode('{payload}').decode())\""
@@ -513,6 +538,19 @@ def evaluate(entries: list[HostEntry], probes: dict[str, HostProbe], opts: Optio
             report.cells[h]["nccl_env"] = Cell("fail", f"{len(diff)} differ", "NCCL env differs from "
                                                f"{_others(envs, ref_env)}: {'; '.join(diff)} — set it the same "
                                                "everywhere (or in .deepspeed_env)")
+
+    if opts.model:
+        for h, r in ok.items():
+            m = r.get("model") or {"error": "not probed"}
+            if "error" in m:
+                report.cells[h]["model"] = Cell("fail", "unreadable", f"{opts.model}: {m['error']} — put the model "
+                                                "dir where every host sees the same path (a shared filesystem)")
+            elif m["model_type"] != opts.model_type:
+                report.cells[h]["model"] = Cell("fail", str(m["model_type"]), f"{opts.model} holds a "
+                                                f"{m['model_type']!r} model there, {opts.model_type!r} here — use "
+                                                "one model dir everywhere")
+            else:
+                report.cells[h]["model"] = Cell("ok", m["model_type"])
 
     for h in order:  # whatever was not reached
         for check in CHECKS:

@@ -47,7 +47,7 @@ TEMPLATES = {"hostfile": "hostfile.j2", "slurm": "slurm.sbatch.j2", "k8s": "k8s.
 class Launch:
     """One set of launch files: which preset, how big, and the run spec flags (preset defaults < these flags)."""
     name: str
-    preset: str
+    preset: str | None  # None: the architecture is the train flags' --model_name_or_path / --config_name
     nodes: int
     per_node: int  # GPUs per node (CPU ranks per node with cpu=True)
     train_flags: tuple[str, ...] = ()
@@ -117,6 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.error = _one_line_error(parser)  # bad input is one line, exit 2, like every dsfleet command
     parser.allow_abbrev = False  # --gpu is not --gpus-per-node
     parser.add_argument("--preset", help="model preset (t5_3b, mamba7b, t5_tiny, ...)")
+    parser.add_argument("--model_name_or_path", "--model-name-or-path", dest="model_name_or_path", metavar="DIR|ID",
+                        help="instead of --preset: the model dir (any transformers architecture), as train's flag")
+    parser.add_argument("--config_name", "--config-name", dest="config_name", metavar="DIR|FILE",
+                        help="instead of --preset: a transformers config for a random init, as train's flag")
     parser.add_argument("--target", help="hostfile | slurm | k8s | mpijob (Kubeflow MPIJob) | all (the first three)")
     parser.add_argument("--nodes", help="nodes (Kubernetes: pods)")
     parser.add_argument("--gpus-per-node", help=f"GPUs per node, 1-{MAX_PER_NODE} (with --cpu: CPU ranks per node)")
@@ -184,8 +188,8 @@ def run(args) -> int:
     if args.all:
         given = [f"--{k.replace('_', '-')}" for k in ("preset", "target", "nodes", "gpus_per_node", "image", "partition",
                                                       "time", "signal_lead", "cpus_per_task", "container", "master_port",
-                                                      "storage", "hosts", "hostfile", "name", *SITE_OPTIONS)
-                 if getattr(args, k)]
+                                                      "storage", "hosts", "hostfile", "name", "model_name_or_path",
+                                                      "config_name", *SITE_OPTIONS) if getattr(args, k, None)]
         if given or args.cpu or _flags(args):
             fail(f"--all renders the committed set with its own sizes and flags; {' '.join(given) or 'train flags'} "
                  "cannot apply — drop them, or render one preset without --all")
@@ -208,16 +212,24 @@ def _flags(args) -> list[str]:
 
 def launch_from_args(args) -> tuple[Launch, tuple[str, ...]]:
     """The command line as a Launch, every value checked (one line naming the fix when bad)."""
-    if not args.preset:
-        fail("no preset — pass --preset NAME (e.g. t5_3b), or --all for the committed set")
+    model_flags = [w for flag in ("model_name_or_path", "config_name") if getattr(args, flag, None)
+                   for w in (f"--{flag}", getattr(args, flag))]
+    train = model_flags + _flags(args)
+    model_arg = next((train[i + 1] for i, w in enumerate(train[:-1]) if w in ("--model_name_or_path", "--config_name")),
+                     None)
+    if not args.preset and not model_arg:
+        fail("no preset — pass --preset NAME (e.g. t5_3b) or --model_name_or_path DIR / --config_name DIR|FILE, or "
+             "--all for the committed set")
     if not args.target:
         fail(f"no target — pass --target {'|'.join(TARGETS)}|all")
     if args.target not in (*TARGETS, "all"):
         fail(f"unknown target {args.target!r} — use one of: {', '.join(TARGETS)}, all")
     targets = ALL_TARGETS if args.target == "all" else (args.target,)
     from dsfleet.presets import get_preset
-    get_preset(args.preset)  # an unknown preset is the first thing to say
-    name = (args.name or args.preset).replace("-", "_").lower()
+    if args.preset:
+        get_preset(args.preset)  # an unknown preset is the first thing to say
+    stem = args.preset or Path(model_arg.rstrip("/")).name.removesuffix(".json").replace(".", "_")
+    name = (args.name or stem).replace("-", "_").lower()
     if not re.fullmatch(r"[a-z0-9][a-z0-9_]{0,39}", name):
         fail(f"name {name!r} cannot name files and Kubernetes objects — use up to 40 of a-z, 0-9 and _ (--name)")
     hosts = None
@@ -243,7 +255,7 @@ def launch_from_args(args) -> tuple[Launch, tuple[str, ...]]:
                 fail(f"--hosts names {len(hosts)} host(s) but --nodes is {nodes} — name one host per node")
     time = args.time or "24:00:00"
     lead = _positive(args.signal_lead, "--signal-lead", 24 * 3600) if args.signal_lead else 300
-    launch = Launch(name=name, preset=args.preset, nodes=nodes, per_node=per_node, train_flags=tuple(_flags(args)),
+    launch = Launch(name=name, preset=args.preset, nodes=nodes, per_node=per_node, train_flags=tuple(train),
                     targets=targets, cpu=args.cpu, time=time, signal_lead=lead,
                     image=args.image or DEFAULT_IMAGE, partition=args.partition,
                     cpus_per_task=_positive(args.cpus_per_task, "--cpus-per-task", 1024) if args.cpus_per_task else None,
@@ -425,25 +437,27 @@ def resolve(launch: Launch) -> SimpleNamespace:
     from dsfleet.spec import parse_args
 
     check(launch)
-    preset = get_preset(launch.preset)
+    preset = get_preset(launch.preset) if launch.preset else None
+    model_words = ["--preset", preset.name] if preset else []
     train_flags = list(launch.train_flags)
     if not any(f.split("=")[0] == "--save_interval_minutes" for f in train_flags):  # a node crash costs <= 30 min
         train_flags += ["--save_interval_minutes", str(DEFAULT_SAVE_INTERVAL_MINUTES)]
-    spec = parse_args(["--preset", preset.name, *train_flags], prog="dsfleet render")
+    spec = parse_args([*model_words, *train_flags], prog="dsfleet render")
     source = resolve_source(spec)
     hardware = Hardware(nodes=launch.nodes, gpus_per_node=launch.per_node,
                         gpu_mem_bytes=spec.gpu_mem_bytes or CPU_PLANNING_GPU_MEM, cpu_mem_bytes=RENDER_HOST_MEM,
                         cpu=launch.cpu, fp16=not launch.cpu)
     run = resolve_run(spec, source, hardware)
     flags = _effective_flags(train_flags, spec, run.spec)
-    words = ["--preset", preset.name, *flags]
+    words = [*model_words, *flags]
     # k8s pods read the DeepSpeed config from the ConfigMap: DeepSpeed's own decisions (stage, offload, buckets)
     # live only there, the training values the flags carry are "auto" in it — one source for each value
-    k8s_words = ["--preset", preset.name, *_without_all(flags, DS_CONFIG_FLAGS),
+    k8s_words = [*model_words, *_without_all(flags, DS_CONFIG_FLAGS),
                  "--deepspeed", f"{CONFIG_MOUNT}/ds_config.json"]
     job_name = "dsfleet-" + launch.name.replace("_", "-")
     r = SimpleNamespace(
-        name=launch.name, preset=preset.name, nodes=launch.nodes, per_node=launch.per_node,
+        name=launch.name, preset=preset.name if preset else re.sub(r"[^A-Za-z0-9_.-]", "_", source.name)[:63],
+        nodes=launch.nodes, per_node=launch.per_node,
         world_size=hardware.world_size, cpu=launch.cpu, zero_stage=run.zero_stage, precision=run.spec.precision,
         job_name=job_name, time=launch.time,
         signal_lead=launch.signal_lead, partition=launch.partition, image=launch.image, container=launch.container,
@@ -554,7 +568,7 @@ def _pod_memory_gib(run, source) -> int:
         return 2 * per_node
     from dsfleet import models
     try:
-        n_params = models.count_parameters(source.preset)
+        n_params = models.count_parameters(source.preset, source.seq2seq)
     except Exception:  # a model dir whose config cannot be built on the meta device: the old fixed figure
         return 32 * per_node
     loading = 0 if run.zero_stage == 3 else 2 * n_params
@@ -642,9 +656,9 @@ OPTIONS_USED = {
 def command(launch: Launch, target: str) -> str:
     """The `dsfleet render` command line that gives this file (its header says it)."""
     d = Launch(name=launch.name, preset=launch.preset, nodes=1, per_node=1)
-    words = ["dsfleet", "render", "--preset", launch.preset, "--target", target, "--nodes", str(launch.nodes),
-             "--gpus-per-node", str(launch.per_node)]
-    if launch.name != launch.preset.replace("-", "_").lower():
+    words = ["dsfleet", "render", *(["--preset", launch.preset] if launch.preset else []), "--target", target,
+             "--nodes", str(launch.nodes), "--gpus-per-node", str(launch.per_node)]
+    if launch.preset is None or launch.name != launch.preset.replace("-", "_").lower():
         words += ["--name", launch.name]
     if launch.cpu:
         words.append("--cpu")

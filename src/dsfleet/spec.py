@@ -28,12 +28,17 @@ class RunSpec(BaseModel):
                                f"{', '.join(f'{a} = {n}' for a, n in SEED_NAMES.items())}, seed 004's names)")
     model_name_or_path: str | None = Field(None, description="weights to start from: a local model dir with config.json, "
                                            "or a hub id when the hub is reachable")
-    from_scratch: bool = Field(False, description="random init from --preset (or the config of --model_name_or_path) "
-                               "instead of loading weights")
+    from_scratch: bool = Field(False, description="random init from --preset, --config_name or the config of "
+                               "--model_name_or_path instead of loading weights")
+    config_name: str | None = Field(None, description="the architecture as a transformers config: a dir with "
+                                    "config.json, or the file itself (any model type: llama, qwen2, bart, mt5, ...); "
+                                    "with --from_scratch a random init of it")
     tokenizer_name: str | None = Field(None, description="tokenizer dir or hub id; unset: the model's, or with "
                                        "--from_scratch a byte-level BPE trained on the run's training text")
     task: Literal["translation", "causal_lm"] | None = Field(None, description="what the model learns; unset: "
-                                                             "translation for T5, causal_lm for GPT-2 and Mamba")
+                                                             "from the model's config: translation for seq2seq models "
+                                                             "(T5, mT5, BART, ...), causal_lm for decoders (GPT-2, "
+                                                             "Mamba, Llama, ...)")
     # data
     dataset_name: str | None = Field(None, description="a `datasets` name or local dir, or `embedded` for the "
                                      "shipped en-ro / text corpus")
@@ -223,7 +228,7 @@ GROUPS = {"preset": "what to train", "dataset_name": "data", "output_dir": "what
           "per_device_train_batch_size": "optimisation", "deepspeed": "DeepSpeed",
           "attn_implementation": "fast path (same math, fewer kernels and bytes; all off = the stock transformers path)",
           "save_steps": "checkpoints, logging", "num_gpus": "planning, diagnostics"}
-METAVARS = {"preset": "NAME", "model_name_or_path": "DIR|ID", "tokenizer_name": "DIR|ID", "dataset_name": "NAME|DIR",
+METAVARS = {"preset": "NAME", "model_name_or_path": "DIR|ID", "config_name": "DIR|FILE", "tokenizer_name": "DIR|ID", "dataset_name": "NAME|DIR",
             "dataset_config_name": "NAME", "train_file": "FILE", "validation_file": "FILE", "test_file": "FILE",
             "text_column": "NAME", "source_lang": "LANG", "target_lang": "LANG", "source_prefix": "TEXT",
             "output_dir": "DIR", "deepspeed": "FILE", "nvme_path": "DIR", "resume_from_checkpoint": "auto|DIR",

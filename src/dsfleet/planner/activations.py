@@ -1,7 +1,8 @@
 """Activation memory: the bytes autograd keeps for one micro-batch of dsfleet's training step, per model family.
 
 Why this exists: after the model states, activations decide whether a micro-batch fits. They are counted here
-tensor by tensor for the transformers modules dsfleet trains (T5, GPT-2, Mamba's pure-PyTorch scan), with and
+tensor by tensor for the preset families (T5, GPT-2, Mamba's pure-PyTorch scan) — every other architecture is
+measured by tracing its own code (planner/measured.py) — with and
 without activation checkpointing and dsfleet's fast path; whether the fused loss is used, and how it chunks its
 logits, is read from dsfleet.fastpath itself (the code that runs). docs/planner.md lists every term;
 tests/test_planner.py checks each formula against autograd on CPU.
@@ -38,6 +39,10 @@ def activation_memory(shape: ModelShape, micro_batch: int, seq_len: int, tgt_len
     """Activation memory of dsfleet's training step. `fused_loss`/`fused_activation` are the RunSpec fast-path
     switches (the fused loss is counted where fastpath.fused_loss_skip_reason allows it, the rule fastpath.apply
     follows). `device="cpu"` gives the CPU kernels' numbers, which the tests measure."""
+    if shape.measured:  # an architecture without a formula: its own code traced (planner/measured.py)
+        from dsfleet.planner.measured import measured_activations
+        return measured_activations(shape, micro_batch, seq_len, tgt_len or shape.tgt_len or seq_len, precision,
+                                    checkpointing, fused_loss, fused_activation, zero_stage)
     p = 2 if precision in ("bf16", "fp16") else 4
     up = 1 if p == 2 else 0  # an fp32 upcast is a separate tensor only for 16-bit models
     kern = DEVICE_KERNELS[device]

@@ -47,8 +47,10 @@ def format_plan(plan: Plan, show_all: bool = False) -> str:
     head = (f"{pl.model}: {_count_text(pl.n_params)} params (largest layer {_count_text(pl.largest_layer)}), "
             f"{pl.nodes} node(s) x {pl.gpus_per_node} GPU(s) of {format_gib(pl.gpu_mem_bytes)} GiB, "
             f"{format_gib(pl.cpu_mem_bytes)} GiB CPU/node, "
-            + (f"source {pl.seq_len} / target {pl.tgt_len} tokens" if pl.family == "t5" else f"{pl.seq_len} tokens")
-            + ("" if pl.family != "generic" else " (GPT-like dims assumed for --params)"))
+            + (f"source {pl.seq_len} / target {pl.tgt_len} tokens" if pl.seq2seq else f"{pl.seq_len} tokens")
+            + ("" if pl.family != "generic" else " (GPT-like dims assumed for --params)")
+            + f"\nparams, states, buffers: formula (meta-device counts, DeepSpeed's estimators); activations: "
+            + pl.activations)
     legend = ("GiB per GPU: states = params+grads+optimizer (DeepSpeed's estimate), act = activations, buf = DeepSpeed "
               "buffers, ovh = CUDA context/NCCL/fragmentation;\n  peak = predicted torch.cuda.max_memory_allocated "
               "(the largest phase of a step, not the sum), need = peak + ovh; cost = est. time per token / best")
@@ -82,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--preset", help="a dsfleet preset (t5_3b, gpt2_xl, mamba_7b, ...)")
     model.add_argument("--params", help="a parameter count instead (6.9e9, 6.9B): a GPT-like decoder is assumed")
+    model.add_argument("--model_name_or_path", "--model-name-or-path", dest="model_name_or_path", metavar="DIR",
+                       help="a model dir (its config.json: any transformers architecture; activations measured for "
+                       "those without a formula)")
+    model.add_argument("--config_name", "--config-name", dest="config_name", metavar="DIR|FILE",
+                       help="a transformers config (dir or config.json), as train's --config_name")
+    parser.add_argument("--task", choices=("translation", "causal_lm"),
+                        help="with a model dir/config: seq2seq (translation) or causal LM (default: the config's)")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--gpu-mem", default="80GiB", help="memory per GPU (default 80GiB; 24GB, 40GiB ...)")
@@ -97,9 +106,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    if not args.preset and not args.params:
-        fail("no model given — pass --preset NAME or --params N (e.g. 6.9B)")
-    pl = plan(params=args.params, preset=args.preset, gpus=args.gpus, nodes=args.nodes,
+    where = args.config_name or args.model_name_or_path
+    if not args.preset and not args.params and not where:
+        fail("no model given — pass --preset NAME or --params N (e.g. 6.9B), or --model_name_or_path DIR / "
+             "--config_name DIR|FILE")
+    shape = None
+    if where:
+        from dsfleet.models import model_config, seq2seq_of
+        from dsfleet.planner.shape import shape_for_config
+        flag = "--config_name" if args.config_name else "--model_name_or_path"
+        cfg = model_config(where, flag=flag)
+        name = where.rstrip("/").split("/")[-1]
+        shape = shape_for_config(name if name not in ("", "config.json") else cfg.model_type, cfg,
+                                 seq2seq_of(cfg, args.task))
+    pl = plan(params=args.params, preset=args.preset, shape=shape, gpus=args.gpus, nodes=args.nodes,
               gpu_mem_bytes=parse_size(args.gpu_mem), cpu_mem_bytes=parse_size(args.cpu_mem),
               micro_batch=args.micro_batch, seq_len=args.seq_len, tgt_len=args.tgt_len, precision=args.precision,
               fused_loss=not args.no_fused_loss, grad_accum=args.grad_accum)

@@ -50,6 +50,8 @@ class Plan:
     best: Candidate | None
     reason: str
     impossible: bool = False
+    seq2seq: bool = False
+    activations: str = "formula (planner/activations.py)"  # or measured: how the activation bytes were found
 
     @property
     def total_gpus(self) -> int:
@@ -61,7 +63,8 @@ class Plan:
             "gpus_per_node": self.gpus_per_node, "nodes": self.nodes, "gpu_mem_bytes": self.gpu_mem_bytes,
             "cpu_mem_bytes": self.cpu_mem_bytes, "seq_len": self.seq_len, "tgt_len": self.tgt_len,
             "fused_loss": self.fused_loss, "best": self.best.to_json() if self.best else None, "reason": self.reason,
-            "impossible": self.impossible, "candidates": [c.to_json() for c in self.candidates],
+            "impossible": self.impossible, "seq2seq": self.seq2seq, "activations": self.activations,
+            "candidates": [c.to_json() for c in self.candidates],
         }
 
 
@@ -74,7 +77,7 @@ def evaluate(shape: ModelShape, *, zero_stage: int, offload_optimizer: str = "no
     c = Candidate(zero_stage, offload_optimizer, offload_param, precision, gradient_checkpointing, micro_batch)
     total = gpus * nodes
     seq = seq_len or shape.seq_len
-    tgt = (tgt_len or shape.tgt_len or seq) if shape.family == "t5" else 0
+    tgt = (tgt_len or shape.tgt_len or seq) if shape.seq2seq else 0
     act = activation_memory(shape, micro_batch, seq, tgt, precision, gradient_checkpointing, fused_loss=fused_loss,
                             fused_activation=fused_activation, zero_stage=zero_stage)
     phases, buffers = gpu_memory(shape, c, total, act, overlap_comm=default_overlap_comm(zero_stage, total, False))
@@ -101,7 +104,7 @@ def evaluate(shape: ModelShape, *, zero_stage: int, offload_optimizer: str = "no
     elif not c.fits_cpu:
         c.why_not = f"needs {format_gib(c.cpu_bytes_per_node)} GiB CPU/node > {format_gib(cpu_mem_bytes)}"
     tokens_per_sample = seq + tgt
-    flops_tokens = (seq + tgt) / 2 if shape.family == "t5" else seq  # half the params see each T5 token
+    flops_tokens = (seq + tgt) / 2 if shape.seq2seq else seq  # half the params see each seq2seq token
     terms = step_cost(shape, c, gpus, nodes, tokens_per_sample, flops_tokens, grad_accum)
     c.tokens_per_step = int(terms.pop("tokens"))
     c.cost_terms = terms
@@ -156,7 +159,7 @@ def plan(*, params=None, preset: str | None = None, shape: ModelShape | None = N
         fail(f"--micro-batch {micro_batch} must be >= 1 — pass a positive micro-batch, or leave it out to try 1..64")
     shape = shape or resolve_shape(params, preset, seq_len)
     seq = seq_len or shape.seq_len
-    tgt = (tgt_len or shape.tgt_len or seq) if shape.family == "t5" else 0
+    tgt = (tgt_len or shape.tgt_len or seq) if shape.seq2seq else 0
     kw = dict(gpus=gpus, nodes=nodes, gpu_mem_bytes=gpu_mem_bytes, cpu_mem_bytes=cpu_mem_bytes, seq_len=seq,
               tgt_len=tgt or None, fused_loss=fused_loss, fused_activation=fused_activation, grad_accum=grad_accum)
     cands = [evaluate(shape, zero_stage=s, offload_optimizer=o, offload_param=q, precision=pr,
@@ -168,7 +171,10 @@ def plan(*, params=None, preset: str | None = None, shape: ModelShape | None = N
     fitting = [c for c in cands if c.fits]
     best = _pick_best(fitting)
     result = Plan(shape.name, shape.n_params, shape.largest_layer, shape.family, gpus, nodes, gpu_mem_bytes,
-                  cpu_mem_bytes, seq, tgt, fused_loss, cands, best, "")
+                  cpu_mem_bytes, seq, tgt, fused_loss, cands, best, "", seq2seq=shape.seq2seq)
+    if shape.measured:
+        from dsfleet.planner.measured import METHOD
+        result.activations = METHOD
     result.reason = _reason(result, fitting) if best else what_would_fit(result, shape, kw, precision, micro_batch)
     result.impossible = best is None
     return result
@@ -273,7 +279,7 @@ def plan_for_spec(spec_like, hardware: Hardware) -> Plan | None:
         return None
     bf16, fp16 = bool(getattr(spec_like, "bf16", False)), bool(getattr(spec_like, "fp16", False))
     precision = "bf16" if bf16 else "fp16" if fp16 else "fp32"
-    if shape.family == "t5":
+    if shape.seq2seq:
         seq, tgt = getattr(spec_like, "max_source_length", None), getattr(spec_like, "max_target_length", None)
     else:
         seq, tgt = getattr(spec_like, "block_size", None), None

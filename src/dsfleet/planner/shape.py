@@ -2,8 +2,9 @@
 
 Why this exists: every memory and cost formula reads the same few numbers (parameters, DeepSpeed's largest layer,
 hidden size, vocabulary, layers, heads, lengths). They come from a preset (dsfleet.presets + dsfleet.models, a
-meta-device instance: exact counts), from the config.json of a model dir, or, for a bare `--params` count, from a
-GPT-like decoder of that size.
+meta-device instance: exact counts), from the config of a model dir or --config_name (any transformers model
+type, the same meta-device build; its config kept for the measured activations), or, for a bare `--params`
+count, from a GPT-like decoder of that size.
 """
 from __future__ import annotations
 
@@ -45,8 +46,18 @@ class ModelShape:
     conv_kernel: int = 4
     tied: bool = True
     dropout: float = 0.0
-    seq_len: int = 1024  # default sequence (LM block size or T5 source length)
-    tgt_len: int = 0  # T5 target length
+    seq_len: int = 1024  # default sequence (LM block size or seq2seq source length)
+    tgt_len: int = 0  # seq2seq target length
+    seq2seq: bool = False  # encoder-decoder (T5, mT5, BART, ...): source and target lengths
+    config_json: str = ""  # an architecture without a formula: its config, for the measured activations
+
+    @property
+    def measured(self) -> bool:
+        """Activations measured (planner/measured.py) rather than counted by a formula (activations.py)."""
+        return self.family not in FORMULA_FAMILIES
+
+
+FORMULA_FAMILIES = ("t5", "gpt2", "mamba", "generic")  # activations.py has a formula for these
 
 
 @lru_cache(maxsize=None)
@@ -57,24 +68,44 @@ def model_shape(preset_name: str) -> ModelShape:
 
     preset = get_preset(preset_name)
     return shape_from_config(preset.name, preset.family, build_config(preset), preset.defaults,
-                             n_params=count_parameters(preset))
+                             n_params=count_parameters(preset), seq2seq=preset.family == "t5")
 
 
 def shape_from_config(name: str, family_name: str, cfg, defaults: dict | None = None,
-                      n_params: int | None = None) -> ModelShape:
-    """A ModelShape from a transformers config of a supported family (a preset's, or a model dir's)."""
+                      n_params: int | None = None, seq2seq: bool | None = None) -> ModelShape:
+    """A ModelShape from any transformers config (a preset's, a model dir's, --config_name's): the counts from a
+    meta-device build of the model class the run would train (nothing allocated)."""
+    import json
+
     import torch
 
-    from dsfleet.models import family
+    from dsfleet.models import config_kwargs, family
 
+    fam = family(family_name, seq2seq)
     with torch.device("meta"):
-        model = family(family_name).model_cls(cfg)
+        model = fam.model_cls(cfg)
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     largest_param = max(p.numel() for p in model.parameters())
     n_params = n_params or sum(p.numel() for p in model.parameters())
     d = defaults or {}
     common = dict(name=name, family=family_name, n_params=n_params, largest_layer=largest_layer,
-                  largest_param=largest_param, vocab=int(cfg.vocab_size), tied=bool(cfg.tie_word_embeddings))
+                  largest_param=largest_param, vocab=int(cfg.vocab_size),
+                  tied=bool(getattr(cfg, "tie_word_embeddings", False)), seq2seq=fam.seq2seq)
+    if family_name not in FORMULA_FAMILIES or (family_name == "t5") != fam.seq2seq:
+        from dsfleet.planner.measured import layer_keys
+        kw = config_kwargs(cfg)
+        keys = layer_keys(kw, fam.seq2seq)
+        counts = [int(getattr(cfg, k, 0) or kw.get(k) or 0) for k in keys]
+        heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "encoder_attention_heads", 0) or 1)
+        hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "d_model", 0))
+        return ModelShape(**dict(common, family=family_name if family_name not in FORMULA_FAMILIES else
+                                 f"{family_name} ({'seq2seq' if fam.seq2seq else 'causal'})"),
+                          hidden=hidden, layers=counts[0], dec_layers=counts[1] if len(counts) > 1 else 0,
+                          heads=heads, d_ff=int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "d_ff", 0) or 0),
+                          seq_len=int(d.get("max_source_length" if fam.seq2seq else "block_size",
+                                            128 if fam.seq2seq else 1024)),
+                          tgt_len=int(d.get("max_target_length", 128)) if fam.seq2seq else 0,
+                          config_json=json.dumps({"model_type": family_name, **kw}, sort_keys=True))
     if family_name == "t5":
         return ModelShape(**common, hidden=cfg.d_model, layers=cfg.num_layers, dec_layers=cfg.num_decoder_layers,
                           heads=cfg.num_heads, d_ff=cfg.d_ff, inner=cfg.num_heads * cfg.d_kv, dropout=cfg.dropout_rate,
@@ -89,22 +120,27 @@ def shape_from_config(name: str, family_name: str, cfg, defaults: dict | None = 
 
 
 def shape_for_spec(spec_like) -> ModelShape | None:
-    """The spec's model: its preset, or the config.json of its --model_name_or_path (T5, GPT-2, Mamba)."""
+    """The spec's model: its preset, or the config of its --config_name or --model_name_or_path (any
+    transformers model type; seq2seq or causal as the config or --task says)."""
     preset = getattr(spec_like, "preset", None)
     if preset:
         return model_shape(preset)
-    path = getattr(spec_like, "model_name_or_path", None)
+    path = getattr(spec_like, "config_name", None) or getattr(spec_like, "model_name_or_path", None)
     if not path:
         return None
+    from dsfleet.cli import UsageError
+    from dsfleet.models import model_config, seq2seq_of
     try:
-        from transformers import AutoConfig
-        cfg = AutoConfig.from_pretrained(path)
-    except Exception:  # noqa: BLE001 — no readable config: nothing to plan with
+        cfg = model_config(str(path))
+        seq2seq = seq2seq_of(cfg, getattr(spec_like, "task", None))
+        name = str(path).rstrip("/").split("/")[-1]
+        return shape_for_config(name if name not in ("", "config.json") else cfg.model_type, cfg, seq2seq)
+    except UsageError:  # no readable config, or no class for its task: nothing to plan with
         return None
-    from dsfleet.models import MODEL_FAMILIES
-    if cfg.model_type not in MODEL_FAMILIES:
-        return None
-    return shape_from_config(str(path).rstrip("/").split("/")[-1] or cfg.model_type, cfg.model_type, cfg)
+
+
+def shape_for_config(name: str, cfg, seq2seq: bool) -> ModelShape:
+    return shape_from_config(name, cfg.model_type, cfg, seq2seq=seq2seq)
 
 
 def generic_shape(n_params: int, seq_len: int | None = None) -> ModelShape:
@@ -124,7 +160,8 @@ def resolve_shape(params, preset, seq_len) -> ModelShape:
     if preset:
         return model_shape(preset)
     if params is None:
-        fail("no model given — pass --preset NAME or --params N (e.g. 6.9B)")
+        fail("no model given — pass --preset NAME or --params N (e.g. 6.9B), or --model_name_or_path DIR / "
+             "--config_name DIR|FILE")
     n = parse_count(params)
     if n <= 0:
         fail(f"--params {params} is not a positive parameter count — write it like 6.9e9, 6.9B or 350M")
