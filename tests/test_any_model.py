@@ -1,0 +1,330 @@
+"""Any Hugging Face model through the same entry point (issue 18): Llama, Qwen2 (tied embeddings), Mistral (GQA)
+causal LMs and BART, mT5 seq2seq models — none of them a preset — made here from small configs, tokenizers
+trained here (tests/local_assets.py). One real 2-rank DeepSpeed CPU run per architecture, checked many ways (loss
+falls, the start line says the architecture, final/ reloads as the same class and model_type with exactly the
+weights of the last checkpoint, ZeRO-2 and ZeRO-3 both), one resume; the architecture resolution, the generic fast
+path (fused loss == the model's own loss, the repeated blocks, SDPA), the FLOP count against torch's
+FlopCounterMode, and the planner's measured activations against real autograd on CPU — all single process.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.launch import REPO, cpu_env, deepspeed_train, explain, losses, metrics
+from tests.local_assets import SEQ2SEQ, TINY_CONFIGS, make_local_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {kind: make_local_model(root / f"tiny-{kind}", kind) for kind in TINY_CONFIGS}
+
+
+def _spec(*args):
+    from dsfleet.spec import parse_args
+    return parse_args(list(args))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which architecture a run trains
+
+def test_architecture_comes_from_the_dir(model_dirs, tmp_path):
+    from dsfleet.models import resolve_source
+    classes = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+               "bart": "BartForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}
+    for kind, path in model_dirs.items():
+        spec = _spec("--model_name_or_path", str(path))
+        source = resolve_source(spec)
+        assert (source.family, source.seq2seq, source.model_cls.__name__) == (kind, kind in SEQ2SEQ, classes[kind])
+        assert spec.task == ("translation" if kind in SEQ2SEQ else "causal_lm")
+    # --task overrides the config: BART's decoder alone as a causal LM
+    spec = _spec("--model_name_or_path", str(model_dirs["bart"]), "--task", "causal_lm")
+    assert resolve_source(spec).model_cls.__name__ == "BartForCausalLM"
+    # --config_name as a config.json file, a random init (no architectures key: is_encoder_decoder decides)
+    tiny_config("mt5").to_json_file(tmp_path / "config.json")
+    spec = _spec("--from_scratch", "--config_name", str(tmp_path / "config.json"))
+    source = resolve_source(spec)
+    assert (source.family, source.seq2seq, spec.task) == ("mt5", True, "translation")
+
+
+def test_tokenizer_from_the_model_dir_also_from_scratch(model_dirs):
+    from dsfleet.data import model_dir_tokenizer
+    path = str(model_dirs["llama"])
+    assert model_dir_tokenizer(_spec("--model_name_or_path", path)) == path
+    assert model_dir_tokenizer(_spec("--model_name_or_path", path, "--from_scratch")) == path
+    assert model_dir_tokenizer(_spec("--config_name", path, "--from_scratch")) == path
+    assert model_dir_tokenizer(_spec("--preset", "gpt2_tiny", "--from_scratch")) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast path, found generically
+
+def _model(kind, **over):
+    from dsfleet.models import family
+    cfg = tiny_config(kind, **over)
+    torch.manual_seed(0)
+    return family(cfg.model_type, kind in SEQ2SEQ).model_cls._from_config(cfg, attn_implementation="sdpa").train()
+
+
+def _batch(kind, rows=2, src=24, tgt=20):
+    ids = torch.randint(3, 512, (rows, src))
+    labels = torch.randint(3, 512, (rows, tgt)) if kind in SEQ2SEQ else ids.clone()
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("kind", list(TINY_CONFIGS))
+def test_fused_loss_is_the_models_own_loss(kind):
+    """The fused chunked cross-entropy installs on any causal LM or seq2seq model with a plain output embedding
+    and gives the model's own loss and gradients; BART (final_logits_bias after the head) is skipped, said why."""
+    from dsfleet import fastpath
+    model = _model(kind)
+    batch = _batch(kind)
+    why_not = fastpath.fused_loss_skip_reason(kind, 2, model)
+    if kind == "bart":
+        assert why_not == "BartForConditionalGeneration adds final_logits_bias after its head"
+        return
+    assert why_not is None and fastpath.fused_loss_skip_reason(kind, 3, model) == "ZeRO-3 partitions the output embedding"
+    ref = model(**batch).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    fastpath.install_fused_loss(model)
+    fused = model(**batch)
+    assert isinstance(fused, fastpath.FusedLossOutput)
+    fused.loss.backward()
+    assert fused.loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_repeated_blocks_and_sdpa_are_found(model_dirs):
+    from dsfleet import fastpath
+    from dsfleet.models import resolve_source
+    for kind in TINY_CONFIGS:
+        model = _model(kind)
+        blocks = fastpath.repeated_blocks(model)
+        # every decoder layer; seq2seq: encoder and decoder layers (mT5: not the first of each, which owns the bias)
+        assert len(blocks) == {"bart": 4, "mt5": 2}.get(kind, 2), (kind, blocks)
+        assert len({type(b) for b in blocks}) <= 2
+        source = resolve_source(_spec("--model_name_or_path", str(model_dirs[kind])))
+        assert fastpath.attn_implementation(_spec(), source.model_cls) == "sdpa"
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "linear_cross_entropy"),
+                    reason="this torch has no torch.nn.functional.linear_cross_entropy")
+def test_linear_cross_entropy_against_torchs_own():
+    """A/B of dsfleet's fused loss against torch.nn.functional.linear_cross_entropy (CPU): the same loss and
+    gradients; the timings are printed (the GPU decision is the lead's bench)."""
+    from dsfleet.fastpath import linear_cross_entropy
+    torch.manual_seed(0)
+    h = torch.randn(1024, 128, requires_grad=True)
+    w = torch.randn(32000, 128, requires_grad=True)
+    t = torch.randint(0, 32000, (1024,))
+    t[::7] = -100
+    results = {}
+    for name, fn in (("dsfleet", lambda: linear_cross_entropy(h, w, t)),
+                     ("torch", lambda: torch.nn.functional.linear_cross_entropy(h, w, t, ignore_index=-100))):
+        h.grad = w.grad = None
+        start = time.perf_counter()
+        loss = fn()
+        loss.backward()
+        results[name] = (loss.item(), h.grad.clone(), w.grad.clone(), time.perf_counter() - start)
+    a, b = results["dsfleet"], results["torch"]
+    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    assert torch.allclose(a[1], b[1], rtol=1e-4, atol=1e-7) and torch.allclose(a[2], b[2], rtol=1e-4, atol=1e-7)
+    print(f"linear cross-entropy on CPU, 1024 x 128 -> 32000: dsfleet {a[3]:.3f}s, torch {b[3]:.3f}s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs of an architecture without a preset
+
+@pytest.mark.parametrize("kind", ["llama", "bart"])
+def test_flop_counter_agrees_with_torch_flop_counter(kind):
+    """6N + attention scores from the config (heads x head size x layers; seq2seq: encoder, decoder and
+    cross-attention) against the matrix products torch's FlopCounterMode counts, as tests/test_flops.py does for
+    the presets."""
+    from dsfleet.metrics import FlopCounter
+    from tests.test_flops import measured, not_in_a_product
+    from dsfleet.models import family
+    cfg = tiny_config(kind)
+    torch.manual_seed(0)
+    model = family(kind, kind in SEQ2SEQ).model_cls._from_config(cfg, attn_implementation="eager")
+    batch = _batch(kind, rows=2, src=48, tgt=40)
+    ours = FlopCounter(model, kind)(batch)
+    torch_total, by_op = measured(model, batch)
+    idle = not_in_a_product(model)
+    if kind in SEQ2SEQ:
+        enc = sum(n for name, n in idle.items() if ".encoder." in "." + name)
+        expected = ours - 6 * (enc * batch["input_ids"].numel() + (sum(idle.values()) - enc) * batch["labels"].numel())
+    else:
+        expected = ours - 6 * sum(idle.values()) * batch["input_ids"].numel()
+    assert torch_total == pytest.approx(expected, rel=2e-3), (kind, torch_total, expected, by_op)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The planner: counts from a meta-device build, activations measured, checked against real autograd
+
+MEASURED_CASES = {  # kind, config overrides (more layers than the traces use), micro-batch, lengths, ckpt, fused
+    "llama fused loss": ("llama", {"num_hidden_layers": 4}, 3, 48, 0, False, True),
+    "mistral GQA checkpointed": ("mistral", {"num_hidden_layers": 5}, 2, 64, 0, True, True),
+    "bart model loss": ("bart", {"encoder_layers": 3, "decoder_layers": 4}, 3, 40, 24, False, True),
+}
+
+
+@pytest.mark.parametrize("case", list(MEASURED_CASES))
+def test_measured_activations_match_real_autograd(case):
+    """The planner traces 1-2 blocks at micro-batch 1-2 under FakeTensorMode and scales; the real model (more
+    layers, another micro-batch) trained one micro-step on CPU as dsfleet's step does (fast path as the run
+    would install it, gradients taken away as DeepSpeed's hooks take them) allocates the same."""
+    from dsfleet import fastpath, planner as P
+    from dsfleet.models import family
+    from dsfleet.planner.measured import METHOD, training_step_bytes
+    from dsfleet.planner.shape import shape_for_config
+    kind, over, b, src, tgt, ckpt, fused = MEASURED_CASES[case]
+    cfg = tiny_config(kind, **over)
+    seq2seq = kind in SEQ2SEQ
+    shape = shape_for_config(kind, cfg, seq2seq)
+    assert shape.measured and shape.n_params == sum(p.numel() for p in _model(kind, **over).parameters())
+    act = P.activation_memory(shape, b, src, tgt or None, "bf16", ckpt, fused_loss=fused, zero_stage=2)
+    assert act.notes == METHOD
+    torch.manual_seed(0)
+    model = family(kind, seq2seq).model_cls._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16).train()
+    if ckpt:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable()
+    fastpath.fuse_activations(model)
+    if fused and fastpath.fused_loss_skip_reason(kind, 2, model) is None:
+        fastpath.install_fused_loss(model)
+    saved, fwd_peak, peak = training_step_bytes(model, _batch(kind, rows=b, src=src, tgt=tgt))
+    assert act.saved == pytest.approx(saved, rel=0.05), (case, act, saved)
+    assert act.fwd_peak == pytest.approx(fwd_peak, rel=0.05), (case, act, fwd_peak)
+    assert act.peak == pytest.approx(peak, rel=0.05), (case, act, peak)
+
+
+def test_plan_of_a_model_dir_says_what_is_measured(model_dirs, tmp_path, capsys):
+    """`dsfleet plan --model_name_or_path DIR` / `--config_name FILE`, and `--zero auto` through the resolver."""
+    from dsfleet.cli import main as cli_main
+    from dsfleet.models import resolve_source
+    from dsfleet.resolve import Hardware, resolve
+    assert cli_main(["plan", "--model_name_or_path", str(model_dirs["qwen2"]), "--gpus", "2", "--precision", "bf16",
+                     "--seq-len", "128", "--micro-batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-qwen2" in out and "activations: measured (fake-tensor trace" in out and "best: ZeRO-" in out
+    tiny_config("bart").to_json_file(tmp_path / "config.json")
+    assert cli_main(["plan", "--config_name", str(tmp_path / "config.json"), "--json", "--precision", "bf16",
+                     "--seq-len", "64", "--tgt-len", "32", "--micro-batch", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["seq2seq"] and data["activations"].startswith("measured") and data["family"] == "bart"
+    assert data["tgt_len"] == 32 and data["n_params"] == sum(p.numel() for p in _model("bart").parameters())
+    spec = _spec("--model_name_or_path", str(model_dirs["llama"]), "--zero", "auto", "--bf16", "--block_size", "64",
+                 "--per_device_train_batch_size", "4")
+    run = resolve(spec, resolve_source(spec), Hardware(1, 2, 16 * 2**30, 64 * 2**30))
+    assert run.zero_stage in (0, 1, 2, 3) and any(n.startswith("zero auto -> ZeRO-") for n in run.notes)
+
+
+def test_render_and_show_config_take_a_model_dir(model_dirs, tmp_path):
+    """No --preset: the model dir is enough; the rendered commands carry it."""
+    path = str(model_dirs["mistral"])
+    env = cpu_env()
+    proc = subprocess.run([sys.executable, "-m", "dsfleet.cli", "render", "--model_name_or_path", path, "--target",
+                           "slurm", "--nodes", "2", "--gpus-per-node", "8", "--out", str(tmp_path), "--", "--bf16",
+                           "--zero", "3"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, explain(proc)
+    sbatch = next((tmp_path / "slurm").glob("*.sbatch")).read_text()
+    assert f"--model_name_or_path {path}" in sbatch and "--preset" not in sbatch.split("dsfleet render")[-1]
+    assert "tiny-mistral" in sbatch or "tiny_mistral" in sbatch
+    proc = subprocess.run([sys.executable, "-m", "dsfleet.cli", "show-config", "--world-size", "4", "--",
+                           "--model_name_or_path", path, "--zero", "3"], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, explain(proc)
+    assert f"model_name_or_path: {path}" in proc.stdout and "task: causal_lm" in proc.stdout
+    assert '"stage": 3' in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real training: one 2-rank CPU run per architecture, checked many ways
+
+RUNS = {  # kind: (ZeRO stage, extra flags)
+    "llama": (2, ["--save_steps", "15"]),
+    "qwen2": (3, []),
+    "mistral": (2, ["--from_scratch"]),  # a random init of the dir's config, the dir's tokenizer
+    "bart": (2, []),
+    "mt5": (3, []),
+}
+STEPS = 30
+
+
+def _train_args(kind, model_dir, out):
+    stage, extra = RUNS[kind]
+    where = ["--config_name", str(model_dir)] if "--from_scratch" in extra else ["--model_name_or_path", str(model_dir)]
+    data = (["--max_source_length", "48", "--max_target_length", "48"] if kind in SEQ2SEQ else ["--block_size", "64"])
+    return [*where, "--dataset_name", "embedded", *data, "--zero", str(stage), "--max_steps", str(STEPS),
+            "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--logging_steps", "1", "--seed", "5",
+            "--do_train", *extra, "--output_dir", str(out)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(RUNS))
+def test_trains_on_two_ranks(kind, model_dirs, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    stage, extra = RUNS[kind]
+    out = tmp_path / kind
+    proc = deepspeed_train(_train_args(kind, model_dirs[kind], out))
+    assert proc.returncode == 0, explain(proc)
+    assert f"tiny-{kind}" in proc.stdout and "2 rank(s)" in proc.stdout and f"ZeRO-{stage}" in proc.stdout
+    assert "fast path: attention sdpa" in proc.stdout
+    if kind == "bart":
+        assert "fused loss (BartForConditionalGeneration adds final_logits_bias after its head)" in proc.stdout
+    elif stage == 3:
+        assert "fused loss (ZeRO-3 partitions the output embedding)" in proc.stdout
+    else:
+        assert "fused chunked cross-entropy" in proc.stdout
+    # loss falls
+    ls = losses(out)
+    assert sorted(ls) == list(range(1, STEPS + 1))
+    first, last = sum(ls[s] for s in (1, 2, 3)) / 3, sum(ls[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
+    assert last < 0.75 * first, [round(ls[s], 3) for s in sorted(ls)]
+    assert all(r["tflops"] > 0 for r in metrics(out) if "loss" in r)
+    # the model's own tokenizer was used (none trained into the run dir), also for the random init
+    assert not (out / "tokenizer").exists()
+    # final/ reloads with the same auto class and model_type, and holds exactly the last checkpoint's weights
+    auto = AutoModelForSeq2SeqLM if kind in SEQ2SEQ else AutoModelForCausalLM
+    reloaded = auto.from_pretrained(out / "final")
+    assert AutoConfig.from_pretrained(out / "final").model_type == kind
+    assert type(reloaded).__name__ == type(_model(kind)).__name__
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    ckpt = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=f"step_{STEPS}")
+    final = load_file(out / "final" / "model.safetensors")
+    initial = load_file(model_dirs[kind] / "model.safetensors")
+    shared = [k for k in final if k in ckpt]
+    assert len(shared) >= len(final) - 1, (sorted(final)[:5], sorted(ckpt)[:5])
+    for key in shared:
+        assert torch.equal(final[key], ckpt[key].to(final[key].dtype)), key
+    assert reloaded.state_dict().keys() >= set(final)
+    moved = [k for k in final if k in initial and not torch.equal(final[k], initial[k])]
+    assert len(moved) > len(final) // 2  # trained, not the initial weights exported
+    if kind == "llama":
+        _resume_continues_the_curve(kind, model_dirs, out, tmp_path)
+
+
+def _resume_continues_the_curve(kind, model_dirs, full, tmp_path):
+    """From the step-15 checkpoint of the same run: the same losses for steps 16-30."""
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_15", resumed / "checkpoints" / "step_15")
+    (resumed / "checkpoints" / "latest").write_text("step_15")
+    proc = deepspeed_train([*_train_args(kind, model_dirs[kind], resumed), "--resume_from_checkpoint", "auto"])
+    assert proc.returncode == 0, explain(proc)
+    assert "at step 15" in proc.stdout
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == list(range(16, STEPS + 1))
+    for step in b:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a[step], b[step])
