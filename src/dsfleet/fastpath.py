@@ -331,7 +331,9 @@ def apply(model, spec, family: str, zero_stage: int) -> FastPath:
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl:
         fast.parts.append(f"attention {impl}")
-    if spec.attn_implementation == "auto" and impl not in ("sdpa", "flash_attention_2"):
+    cfg = getattr(model, "config", None)
+    has_attention = any(getattr(cfg, k, None) for k in ("num_attention_heads", "n_head", "num_heads"))
+    if spec.attn_implementation == "auto" and has_attention and impl not in ("sdpa", "flash_attention_2"):
         fast.skipped.append(f"SDPA ({type(model).__name__} has no SDPA attention: its own)")
     if spec.fused_activation and fuse_activations(model):
         fast.parts.append("fused GELU")

@@ -182,10 +182,8 @@ def resolve_source(spec) -> ModelSource:
         if config_name:
             fail(f"--preset {preset.name} and --config_name {config_name} both name the architecture — pass one")
         dir_cfg = _dir_config(spec) if spec.model_name_or_path else None
-        if dir_cfg is not None and dir_cfg.model_type != preset.family:
-            fail(f"--preset {preset.name} is a {preset.family} model but {spec.model_name_or_path} holds a "
-                 f"{dir_cfg.model_type!r} model — drop --preset (the dir's config says the architecture), or pass a "
-                 f"{preset.family} model dir")
+        if dir_cfg is not None:
+            check_preset_family(preset, dir_cfg, spec.model_name_or_path)
         seq2seq = family(preset.family).seq2seq
         source = ModelSource(preset, preset.family, preset.name, seq2seq)
     else:
@@ -211,18 +209,30 @@ def resolve_source(spec) -> ModelSource:
 
 
 def _dir_config(spec):
-    """The model dir's config next to a --preset, or None when it cannot be read here (--from_scratch with a hub
-    id: the dir only supplies a tokenizer). Without --from_scratch an unreadable dir is one line (check_weights)."""
+    """The local model dir's config next to a --preset, or None when it is not a local dir with a config (a hub id
+    is checked by check_weights when a run is about to train; render and show-config do not reach the hub)."""
     path = Path(spec.model_name_or_path).expanduser()
-    if spec.from_scratch and not (path / "config.json").is_file():
+    if not (path / "config.json").is_file():
         return None
     return model_config(spec.model_name_or_path)
 
 
+def check_preset_family(preset, cfg, where: str) -> None:
+    """A preset names a family; weights of another model type would load into the wrong class (every weight
+    dropped, a random model trained): one line instead."""
+    if cfg.model_type != preset.family:
+        fail(f"--preset {preset.name} is a {preset.family} model but {where} holds a {cfg.model_type!r} model — drop "
+             f"--preset (the dir's config says the architecture), or pass a {preset.family} model dir")
+
+
 def check_weights(spec) -> None:
-    """A run about to train: the weights' dir must be readable now — they load after the run dir exists."""
+    """A run about to train: the weights' dir must be readable now — they load after the run dir exists — and of
+    the preset's family."""
     if spec.model_name_or_path and not spec.from_scratch:
-        model_config(spec.model_name_or_path)
+        cfg = model_config(spec.model_name_or_path)
+        if spec.preset:
+            from dsfleet.presets import get_preset
+            check_preset_family(get_preset(spec.preset), cfg, spec.model_name_or_path)
 
 
 def model_config(name_or_path: str, flag: str = "--model_name_or_path"):
