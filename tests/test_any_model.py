@@ -328,3 +328,31 @@ def _resume_continues_the_curve(kind, model_dirs, full, tmp_path):
     assert sorted(b) == list(range(16, STEPS + 1))
     for step in b:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a[step], b[step])
+
+
+def test_preflight_checks_the_model_dir_on_every_host(model_dirs):
+    """`dsfleet preflight --model_name_or_path DIR`: read here (bad: one line), then on every host the same path
+    must hold a config of the same model_type (made-up host reports, as tests/test_preflight.py's)."""
+    import argparse
+
+    from dsfleet import preflight
+    from dsfleet.cli import UsageError
+    from tests.test_preflight import healthy, opts
+    parser = argparse.ArgumentParser()
+    preflight.add_arguments(parser)
+    args = parser.parse_args(["--hostfile", "h", "--model_name_or_path", str(model_dirs["llama"]), "--cpu"])
+    got = preflight.options(args)
+    assert (got.model, got.model_type) == (str(model_dirs["llama"]), "llama")
+    assert "config.json" in preflight.PROBE
+    entries, probes = healthy(3)
+    probes["n0"].probe["model"] = {"model_type": "llama"}
+    probes["n1"].probe["model"] = {"model_type": "bart"}
+    probes["n2"].probe["model"] = {"error": "FileNotFoundError: config.json"}
+    report = preflight.evaluate(entries, probes, opts(model=got.model, model_type="llama"))
+    cells = {h: report.cells[h]["model"].status for h in ("n0", "n1", "n2")}
+    assert cells == {"n0": "ok", "n1": "fail", "n2": "fail"}
+    assert {(h, c) for h, c, _ in report.failures} >= {("n1", "model"), ("n2", "model")}
+    assert preflight.evaluate(*healthy(2), opts()).cells["n0"]["model"].status == "skip"  # not asked: not checked
+    bad = parser.parse_args(["--hostfile", "h", "--model_name_or_path", "./nowhere"])
+    with pytest.raises(UsageError, match="no such directory"):
+        preflight.options(bad)
