@@ -78,6 +78,10 @@ def model_class(model_type: str, seq2seq: bool):
     try:
         return mapping[cfg_cls]
     except KeyError:
+        other_mapping = MODEL_FOR_CAUSAL_LM_MAPPING if seq2seq else MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+        if cfg_cls not in other_mapping:
+            fail(f"model type {model_type!r} is no language model: transformers has no causal-LM or seq2seq class for "
+                 "it — pass a model dir of a causal LM (Llama, Qwen2, GPT-2, ...) or a seq2seq model (T5, BART, ...)")
         other = "causal_lm" if seq2seq else "translation"
         fail(f"model type {model_type!r} has no {'seq2seq' if seq2seq else 'causal-LM'} class in transformers — "
              f"pass --task {other}, or a model dir of another architecture")
