@@ -104,11 +104,20 @@ def test_fused_loss_is_the_models_own_loss(kind):
         assert torch.allclose(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6), n
 
 
-def test_repeated_blocks_and_sdpa_are_found(model_dirs):
+def test_repeated_blocks_and_sdpa_are_found(model_dirs, monkeypatch):
+    """Regional torch.compile finds each architecture's nn.ModuleList of layers (compiled here with dynamo's eager
+    backend: the graphs are captured, the loss is the same); SDPA where the class supports it."""
     from dsfleet import fastpath
     from dsfleet.models import resolve_source
+    monkeypatch.setenv("DSFLEET_COMPILE_BACKEND", "eager")
     for kind in TINY_CONFIGS:
         model = _model(kind)
+        if kind in ("llama", "bart"):
+            batch = _batch(kind)
+            with torch.no_grad():
+                ref = model(**batch).loss
+                assert fastpath.compile_blocks(model) == (4 if kind == "bart" else 2)
+                assert model(**batch).loss.item() == pytest.approx(ref.item(), rel=1e-6)
         blocks = fastpath.repeated_blocks(model)
         # every decoder layer; seq2seq: encoder and decoder layers (mT5: not the first of each, which owns the bias)
         assert len(blocks) == {"bart": 4, "mt5": 2}.get(kind, 2), (kind, blocks)
