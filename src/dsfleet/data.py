@@ -99,13 +99,14 @@ def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int, save_dir: Path | 
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = _fast_tokenizer(tok.to_str())
+    fast = fast_tokenizer(tok.to_str())
     if save_dir is not None:
         fast.save_pretrained(save_dir)
     return fast
 
 
-def _fast_tokenizer(serialized: str):
+def fast_tokenizer(serialized: str):
+    """The transformers tokenizer around a serialized `tokenizers` JSON, with dsfleet's special tokens."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(serialized), pad_token="<pad>",
@@ -127,7 +128,7 @@ def run_tokenizer(spec, source, raw, out: Path, rank: int):
         vocab = int(source.preset.config.get("vocab_size", 512))
         serialized[0] = train_bpe_tokenizer(training_texts(spec, raw), vocab).backend_tokenizer.to_str()
     dist.broadcast_object_list(serialized, src=0)
-    tokenizer = _fast_tokenizer(serialized[0])
+    tokenizer = fast_tokenizer(serialized[0])
     tokenizer.trained_here = True
     return tokenizer
 
@@ -155,13 +156,15 @@ def load_tokenizer(path: str):
 
 
 def training_texts(spec, raw) -> Iterator[str]:
-    for row in raw["train"]:
+    """The training text in order (both sides of each pair), read a batch of rows at a time."""
+    column = "translation" if spec.task == "translation" else spec.text_column
+    for batch in raw["train"].select_columns([column]).iter(batch_size=10_000):
         if spec.task == "translation":
-            t = row["translation"]
-            yield t[spec.source_lang]
-            yield t[spec.target_lang]
-        elif row[spec.text_column]:
-            yield row[spec.text_column]
+            for t in batch[column]:
+                yield t[spec.source_lang]
+                yield t[spec.target_lang]
+        else:
+            yield from (text for text in batch[column] if text)
 
 
 def check_columns(spec, raw) -> None:
@@ -364,10 +367,11 @@ class ResumableOrder:
         if self.offset + self.micro * self.world > self.n:  # a different world size may not fit the tail
             self.epoch, self.offset = self.epoch + 1, 0
 
-    def _order(self) -> list[int]:
+    def _order(self) -> torch.Tensor:
+        """The epoch's order as one int64 tensor (8 bytes a sample, not a Python list of ints)."""
         if not self.shuffle:
-            return list(range(self.n))
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:
@@ -375,7 +379,7 @@ class ResumableOrder:
             while self.offset + self.micro * self.world <= self.n:
                 start = self.offset + self.rank * self.micro
                 self.offset += self.micro * self.world
-                yield order[start:start + self.micro]
+                yield order[start:start + self.micro].tolist()
             self.epoch, self.offset = self.epoch + 1, 0
 
 

@@ -61,6 +61,13 @@ class RunSpec(BaseModel):
     max_predict_samples: int | None = Field(None, gt=0, description="use only the first N prediction examples")
     synthetic_data: bool = Field(False, description="random token ids at the spec's lengths instead of a dataset "
                                  "(benchmarks, memory checks; implies --from_scratch without a model)")
+    cache_dir: str | None = Field(None, description="token cache: the corpus tokenized once into memory-mapped "
+                                  "shards that every rank reads, reused by each run whose data, tokenizer and "
+                                  "lengths match (`dsfleet prepare` fills it ahead of a job); unset: "
+                                  "$DSFLEET_CACHE_DIR, else ~/.cache/dsfleet. On a dir all nodes see, rank 0 "
+                                  "prepares for the job; else the first rank of each node")
+    preprocessing_num_workers: int | None = Field(None, gt=0, description="processes that tokenize the corpus into "
+                                                  "the token cache; unset: every core")
     # what to do
     output_dir: str | None = Field(None, description="run dir: metrics.jsonl, tb/, plot.png, checkpoints/, final/, "
                                    "spec.yaml, ds_config.json (required, except for a dry run)")
@@ -231,7 +238,7 @@ GROUPS = {"preset": "what to train", "dataset_name": "data", "output_dir": "what
 METAVARS = {"preset": "NAME", "model_name_or_path": "DIR|ID", "config_name": "DIR|FILE", "tokenizer_name": "DIR|ID", "dataset_name": "NAME|DIR",
             "dataset_config_name": "NAME", "train_file": "FILE", "validation_file": "FILE", "test_file": "FILE",
             "text_column": "NAME", "source_lang": "LANG", "target_lang": "LANG", "source_prefix": "TEXT",
-            "output_dir": "DIR", "deepspeed": "FILE", "nvme_path": "DIR", "resume_from_checkpoint": "auto|DIR",
+            "output_dir": "DIR", "cache_dir": "DIR", "deepspeed": "FILE", "nvme_path": "DIR", "resume_from_checkpoint": "auto|DIR",
             "report_to": "NAME"}
 DESCRIPTION = ("Train with DeepSpeed from one run spec: preset < --config YAML < flags. Accepts HF run_translation.py "
                "flags verbatim, and DeepSpeed's `--deepspeed --deepspeed_config FILE`. Every flag is also a key of the "

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dsfleet.train") -
 
 def train(spec) -> int:
     # ---- 1. what to train, where, with what: every check before the first byte is written ---------------
-    from dsfleet import checkpoint, data, dist_env, fastpath, models, rundir, runtime, schedule, watchdog
+    from dsfleet import checkpoint, data, dist_env, fastpath, models, rundir, runtime, schedule, token_cache, watchdog
     from dsfleet.resolve import Hardware, describe, resolve
     denv = dist_env.setup()
     world = spec.planned_world_size(denv.world_size)  # --num_gpus N: a dry run / memory check plans for N ranks
@@ -50,8 +50,7 @@ def train(spec) -> int:
     watchdog.start(spec, denv, out)  # a lost or stopped peer: one line, exit 75 (dist_env.leave_process_group stops it)
     import torch
     import torch.distributed as dist
-    raw = data.load_checked(spec, denv.world_size)
-    tokenizer, splits = data.prepare(spec, source, raw, out, denv.rank)
+    tokenizer, splits = token_cache.prepare_for_run(spec, source, out, denv)  # tokenized once per job, memory-mapped
     order = data.ResumableOrder(len(splits["train"]), spec.per_device_train_batch_size, denv.rank,
                                 denv.world_size, spec.seed) if spec.do_train else None
     total_steps = data.planned_steps(spec, order)
