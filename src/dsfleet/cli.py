@@ -13,6 +13,7 @@ COMMANDS = {
     "plan": ("dsfleet.planner", "memory plan: which ZeRO stage / offload / micro-batch fits, and the fastest"),
     "render": ("dsfleet.render", "render hostfiles, Slurm scripts and Kubernetes jobs from a run spec"),
     "preflight": ("dsfleet.preflight", "check every host of a hostfile before a job burns cluster hours"),
+    "prepare": ("dsfleet.prepare", "tokenize a run's corpus once into the token cache (memory-mapped shards)"),
     "bench": ("dsfleet.bench", "throughput benchmark: dsfleet vs HF Trainer + DeepSpeed on the same config"),
     "train": ("dsfleet.train", "the training entry point (same as python -m dsfleet.train; --help lists its flags)"),
 }
