@@ -308,6 +308,12 @@ CASES = [
          "cannot read the model config in odd", files={"odd/config.json": _json({"model_type": "not_a_model"})}),
     Case("plan-model-dir-missing", "plan", ("plan", "--model_name_or_path", "./nowhere"),
          "--model_name_or_path ./nowhere: no such directory"),
+    # ---- the token cache (issue 22) ---------------------------------------------------------------------------
+    Case("cache-dir-is-a-file", "dataset", ("train", *TINY, "--cache_dir", "cache"), "--cache_dir cache is a file",
+         files={"cache": "not a directory\n"}),
+    Case("prepare-block-size-over-data", "dataset", ("prepare", "--", *GPT_DATA, "--train_file", "train.txt",
+                                                     "--block_size", "200"),
+         "shorter than one block of --block_size 200", files={"train.txt": "hello there\nanother short line\n"}),
 ]
 
 

@@ -475,8 +475,10 @@ class Preparation:
         self.notes: list[str] = []
 
     def raw(self, checked: bool = True):
+        started = time.time()
         if checked and not self._checked:
             self._raw, self._checked = data.load_checked(self.spec, self.world_size), True
+            self.notes.append(f"data loaded and checked in {time.time() - started:.1f} s")
         elif self._raw is None:
             self._raw = data.load_raw(self.spec)
         return self._raw
@@ -593,6 +595,9 @@ class _Job:
         self.dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    def close(self) -> None:
+        self.dist.destroy_process_group(self.group)
+
 
 def _guarded(fn: Callable):
     """("ok", value) or ("error", the one line) — a bad input on the preparer reaches every rank."""
@@ -649,6 +654,7 @@ def prepare_for_run(spec, source, out: Path, denv):
     host, seen = views[denv.rank]
     source_rank = 0 if seen else min(r for r in preparers if views[r][0] == host and not views[r][1])
     entry, manifest, status = results[source_rank][1]
+    job.close()
     for note in prep.notes:
         say(note)
     say(describe(entry, manifest, status) + (f" ({len(preparers)} preparers: a cache dir per node)"

@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Data start-up benchmark (issue 22), not a timed test: how long a 2-rank CPU run takes to its first step, and how
+much memory each rank holds, on corpora of a given size — today's in-memory path (every rank tokenizes the whole
+corpus with datasets.map(keep_in_memory=True)) against the token cache, in the same run, on the same files.
+
+For each size it generates a plain-text corpus (one text a line, Zipf-distributed pseudo-words) under --work and
+measures:
+  cold prepare      `dsfleet prepare` from nothing (fresh datasets cache, fresh token cache): loading, the BPE
+                    trained on the text, tokenizing with every core; wall, MB/s, peak RSS (the preparer and its
+                    worker tree)
+  prepared start    `deepspeed --num_gpus 2 --module dsfleet.train ... --max_steps 2` on the prepared cache: launch
+                    to the first logged step, peak RSS of each rank
+  anchor            datasets.map(num_proc=cores, batched) with its own Arrow cache on the same file and tokenizer
+                    (the same packing into blocks): load and tokenize times, to compare with the cold prepare's
+  today's path      the same 2-rank run with the source tree of --baseline-rev (the merge base with main by
+                    default), its datasets cache warm: launch to first step, peak RSS of each rank; stopped once a
+                    rank passes --rss-cap-gb (the number then says "more than")
+
+    PYTHONPATH=src .venv/bin/python scripts/bench_data.py --sizes-mb 58 1100 --work /tmp/dsfleet-bench-data
+
+Writes --work/results.json and prints a markdown table (docs/data.md has the numbers measured here).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+TRAIN = ["--preset", "gpt2_tiny", "--from_scratch", "--max_steps", "2", "--logging_steps", "1", "--no_progress",
+         "--report_to", "jsonl", "--export_hf", "false", "--per_device_train_batch_size", "8"]
+
+
+def make_corpus(path: Path, megabytes: float, seed: int = 0) -> Path:
+    """Lines of 4-40 pseudo-words (a 20,000-word Zipf vocabulary) until the file has `megabytes` MB."""
+    import numpy as np
+    if path.is_file() and path.stat().st_size >= megabytes * 1e6:
+        return path
+    rng = np.random.default_rng(seed)
+    syllables = np.array("ka lo mi ne su ta ri po ve da ho ju ce fa gi bu ze wo ly xe".split())
+    words = np.array(["".join(rng.choice(syllables, rng.integers(1, 5))) for _ in range(20_000)])
+    p = 1.0 / np.arange(1, len(words) + 1)
+    p /= p.sum()
+    target = int(megabytes * 1e6)
+    written = 0
+    with open(path, "w") as f:
+        while written < target:
+            lens = rng.integers(4, 41, 50_000)
+            picks = words[rng.choice(len(words), int(lens.sum()), p=p)]
+            ends = np.cumsum(lens)
+            text = "\n".join(" ".join(picks[e - n:e]) for n, e in zip(lens, ends)) + "\n"
+            f.write(text)
+            written += len(text)
+    return path
+
+
+def env_with(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
+    env.update(extra)
+    return env
+
+
+def measure(cmd: list[str], env: dict, log: Path, rss_cap: float | None = None, timeout: float = 3600) -> dict:
+    """Run cmd, sampling every 0.1 s the RSS of each rank process (`--local_rank=` in its command line) and of the
+    whole process tree; stop it when a rank passes rss_cap bytes."""
+    started = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        root = psutil.Process(proc.pid)
+        ranks: dict[int, int] = {}
+        tree_peak = top_peak = 0
+        killed = None
+        while proc.poll() is None:
+            total = 0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            seen = {}
+            for q in procs:
+                try:
+                    seen[q.pid] = (q.memory_info().rss, q.cmdline(), q.ppid())
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+            rank_of = {pid: next((a.split("=")[1] for a in cmd if a.startswith("--local_rank=")), None)
+                       for pid, (_, cmd, _) in seen.items()}
+            for pid, (rss, cmdline, ppid) in seen.items():
+                total += rss
+                if pid == proc.pid:
+                    top_peak = max(top_peak, rss)
+                rank = rank_of[pid]
+                if rank is not None and rank_of.get(ppid) is None:  # a rank, not a worker it forked
+                    ranks[int(rank)] = max(ranks.get(int(rank), 0), rss)
+            tree_peak = max(tree_peak, total)
+            if rss_cap and any(v > rss_cap for v in ranks.values()):
+                killed = f"stopped at {time.time() - started:.0f} s: a rank passed {rss_cap / 2**30:.1f} GiB RSS"
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            if time.time() - started > timeout:
+                killed = f"stopped at the {timeout:.0f} s time limit"
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+        rc = proc.wait()
+    return {"wall_s": round(time.time() - started, 1), "rc": rc, "killed": killed, "started_unix": started,
+            "rank_peak_rss_mb": {r: round(v / 2**20) for r, v in sorted(ranks.items())},
+            "tree_peak_rss_mb": round(tree_peak / 2**20), "top_peak_rss_mb": round(top_peak / 2**20),
+            "log": str(log)}
+
+
+def first_step_s(run_dir: Path, started: float) -> float | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "loss" in r]
+    return round(steps[0]["time"] - started, 1) if steps else None
+
+
+def deepspeed_cmd(args: list[str]) -> list[str]:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "dsfleet.train",
+            *args]
+
+
+ANCHOR = r'''
+import json, os, sys, time
+t0 = time.time()
+import datasets
+from dsfleet.data import fast_tokenizer
+path, tok_json, block, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+raw = datasets.load_dataset("text", data_files={"train": path})["train"]
+t1 = time.time()
+tokenizer = fast_tokenizer(open(tok_json).read())
+def encode_batched(batch):  # the same blocks, the tokenizer's batch call
+    texts = [t for t in batch["text"] if t]
+    ids = [i for seq in tokenizer(texts)["input_ids"] for i in (seq if seq and seq[-1] == tokenizer.eos_token_id
+                                                                 else seq + [tokenizer.eos_token_id])]
+    n = len(ids) // block * block
+    return {"input_ids": [ids[i:i + block] for i in range(0, n, block)]}
+out = raw.map(encode_batched, batched=True, batch_size=100_000, num_proc=workers, remove_columns=["text"])
+t2 = time.time()
+print(json.dumps({"load_s": round(t1 - t0, 1), "map_s": round(t2 - t1, 1),
+                  "blocks": len(out)}))
+'''
+
+
+def bench_size(mb: float, work: Path, baseline_src: Path, rss_cap: float, skip_old: bool) -> dict:
+    cores = len(os.sched_getaffinity(0))
+    size_dir = work / f"{mb:g}MB"
+    shutil.rmtree(size_dir, ignore_errors=True)
+    size_dir.mkdir(parents=True)
+    corpus = make_corpus(work / f"corpus_{mb:g}MB.txt", mb)
+    nbytes = corpus.stat().st_size
+    res: dict = {"size_mb": round(nbytes / 1e6, 1), "lines": sum(1 for _ in open(corpus, "rb")), "cores": cores}
+    data_flags = ["--train_file", str(corpus)]
+    cache = size_dir / "token-cache"
+    print(f"[{mb:g} MB] cold prepare", flush=True)
+    cold = measure([sys.executable, "-m", "dsfleet.cli", "prepare", "--", *TRAIN, *data_flags, "--cache_dir", str(cache)],
+                   env_with(HF_DATASETS_CACHE=str(size_dir / "hf-new"), PYTHONPATH=str(REPO / "src")),
+                   size_dir / "prepare.log")
+    manifest = json.loads(next((cache / "tokens").glob("*/manifest.json")).read_text())
+    text = Path(cold["log"]).read_text()
+    cold.update(tokenize_s=manifest["built_seconds"], workers=manifest["workers"],
+                mb_per_s=round(nbytes / 1e6 / cold["wall_s"], 1),
+                tokenize_mb_per_s=round(nbytes / 1e6 / manifest["built_seconds"], 1),
+                train_rows=manifest["splits"]["train"]["rows"],
+                notes=[line for line in text.splitlines() if line.startswith("dsfleet prepare:")])
+    res["cold_prepare"] = cold
+    print(f"[{mb:g} MB] start on the prepared corpus", flush=True)
+    run = size_dir / "run-new"
+    start = measure(deepspeed_cmd([*TRAIN, *data_flags, "--cache_dir", str(cache), "--output_dir", str(run)]),
+                    env_with(HF_DATASETS_CACHE=str(size_dir / "hf-new"), PYTHONPATH=str(REPO / "src")),
+                    size_dir / "start-new.log")
+    start["first_step_s"] = first_step_s(run, start["started_unix"])
+    start["reused"] = "token cache reused" in Path(start["log"]).read_text()
+    res["prepared_start"] = start
+    print(f"[{mb:g} MB] anchor: datasets.map(num_proc={cores})", flush=True)
+    tok_json = next((cache / "tokens").glob("*/tokenizer.json"))
+    anchor_env = env_with(HF_DATASETS_CACHE=str(size_dir / "hf-anchor"), PYTHONPATH=str(REPO / "src"))
+    t = time.time()
+    done = subprocess.run([sys.executable, "-c", ANCHOR, str(corpus), str(tok_json), "64", str(cores)], env=anchor_env,
+                          cwd=REPO, capture_output=True, text=True)
+    anchor = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {"error": done.stderr[-500:]}
+    anchor["wall_s"] = round(time.time() - t, 1)
+    if "map_s" in anchor:
+        anchor["map_mb_per_s"] = round(nbytes / 1e6 / anchor["map_s"], 1)
+    res["anchor"] = anchor
+    if not skip_old:
+        print(f"[{mb:g} MB] today's path ({baseline_src})", flush=True)
+        run = size_dir / "run-old"
+        old = measure(deepspeed_cmd([*TRAIN, *data_flags, "--output_dir", str(run)]),
+                      env_with(HF_DATASETS_CACHE=str(size_dir / "hf-anchor"), PYTHONPATH=str(baseline_src)),
+                      size_dir / "start-old.log", rss_cap=rss_cap)
+        old["first_step_s"] = first_step_s(run, old["started_unix"])
+        res["todays_path"] = old
+    for d in ("hf-new", "hf-anchor"):
+        shutil.rmtree(size_dir / d, ignore_errors=True)
+    return res
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| corpus | path | prepare (wall) | tokenize | start-up to first step | peak RSS per rank |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        c, s, a = r["cold_prepare"], r["prepared_start"], r["anchor"]
+        size = f"{r['size_mb']:,.0f} MB ({r['lines']:,} lines)"
+        rows.append(f"| {size} | token cache, cold `dsfleet prepare` ({c['workers']} workers) | {c['wall_s']} s "
+                    f"({c['mb_per_s']} MB/s) | {c['tokenize_s']} s ({c['tokenize_mb_per_s']} MB/s) | — | preparer "
+                    f"{c['top_peak_rss_mb']} MB (tree {c['tree_peak_rss_mb']} MB) |")
+        rss = ", ".join(f"{v} MB" for v in s["rank_peak_rss_mb"].values())
+        rows.append(f"| {size} | token cache, prepared | — | — | {s['first_step_s']} s (run {s['wall_s']} s) | {rss} |")
+        if "map_s" in a:
+            rows.append(f"| {size} | anchor: datasets.map(num_proc={r['cores']}) + Arrow cache | load {a['load_s']} s "
+                        f"| {a['map_s']} s ({a['map_mb_per_s']} MB/s) | — | — |")
+        if "todays_path" in r:
+            o = r["todays_path"]
+            rss = ", ".join(f"{v} MB" for v in o["rank_peak_rss_mb"].values())
+            first = f"{o['first_step_s']} s (run {o['wall_s']} s)" if o["first_step_s"] else f"— ({o['killed']})"
+            rows.append(f"| {size} | today's path (in memory, every rank) | — | — | {first} | "
+                        f"{'> ' if o['killed'] else ''}{rss} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[58])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/dsfleet-bench-data"))
+    parser.add_argument("--baseline-rev", default=None, help="git rev of today's path (default: merge base with main)")
+    parser.add_argument("--rss-cap-gb", type=float, default=4.0, help="stop today's path when a rank passes this")
+    parser.add_argument("--skip-old-above-mb", type=float, default=None, help="no today's-path run above this size")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    rev = args.baseline_rev or subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=REPO, capture_output=True,
+                                              text=True, check=True).stdout.strip()
+    baseline = args.work / f"baseline-{rev[:10]}"
+    if not (baseline / "src" / "dsfleet" / "train.py").is_file():
+        baseline.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", rev, "src"], cwd=REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
+    results_path = args.work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for mb in args.sizes_mb:
+        skip = args.skip_old_above_mb is not None and mb > args.skip_old_above_mb
+        results[f"{mb:g}"] = bench_size(mb, args.work, baseline / "src", args.rss_cap_gb * 2**30, skip)
+        results[f"{mb:g}"]["baseline_rev"] = rev
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+    print(table([results[f"{mb:g}"] for mb in args.sizes_mb]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
