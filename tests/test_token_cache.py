@@ -97,6 +97,14 @@ def test_prepare_command_reuses_and_rebuilds_for_a_new_tokenizer_or_block_size(t
     assert len({m["inputs"]["tokenizer"] for m in built.values()}) == 2 and len(other) == 280
 
 
+def test_one_preparer_per_filesystem():
+    """A cache dir every node sees: rank 0 prepares for all; per-node dirs (k8s pods): the first rank of each."""
+    from dsfleet.token_cache import plan_preparers
+    assert plan_preparers([("a", True), ("a", True), ("b", True), ("b", True)]) == ({0}, [0, 0, 0, 0])
+    assert plan_preparers([("a", True), ("a", True), ("b", False), ("b", False), ("c", False)]) == (
+        {0, 2, 4}, [0, 0, 2, 2, 4])
+
+
 def test_a_killed_prepare_leaves_no_usable_half_cache(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", 3000)
     cache = tmp_path / "cache"

@@ -230,17 +230,43 @@ def _texts(split: str, start: int, stop: int) -> list:
     return ds[start:stop][_WORK["column"]]
 
 
+def _batch_encoder(tok) -> Callable[[list[str]], list[list[int]]]:
+    """The ids of a batch of texts as `tok(texts)["input_ids"]` gives them: the `tokenizers` backend's batch call
+    directly (no truncation or padding; a third less time than the transformers wrapper's dicts) when it agrees
+    with the wrapper on a probe, else the wrapper."""
+    if "encoder" in _WORK:
+        return _WORK["encoder"]
+    backend = getattr(tok, "backend_tokenizer", None)
+
+    def direct(texts):
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+
+    def wrapped(texts):
+        return tok(texts)["input_ids"]
+    probe = ["Hello world, this is a probe.", " leading space", "tab\tand\nnewline", "ünïcödé 字 🙂", "x"]
+    choice = wrapped
+    if backend is not None:
+        expected = wrapped(probe)  # the wrapper leaves truncation/padding as this call set them: none
+        backend.no_truncation()
+        backend.no_padding()
+        if direct(probe) == expected:
+            choice = direct
+    _WORK["encoder"] = choice
+    return choice
+
+
 def _encode_blocks(task: tuple[str, int, int]) -> np.ndarray:
     """One packing group of causal-LM rows -> its full blocks, flat."""
     split, start, stop = task
     tok, block, dtype = _WORK["tokenizer"], _WORK["block_size"], _WORK["dtype"]
     eos = tok.eos_token_id
+    encode = _batch_encoder(tok)
     parts = []
     for a in range(start, stop, ENCODE_ROWS):
         texts = [t for t in _texts(split, a, min(a + ENCODE_ROWS, stop)) if t]
         if not texts:
             continue
-        seqs = [ids if ids and ids[-1] == eos else ids + [eos] for ids in tok(texts)["input_ids"]]
+        seqs = [ids if ids and ids[-1] == eos else ids + [eos] for ids in encode(texts)]
         parts.append(np.fromiter(chain.from_iterable(seqs), dtype=dtype, count=sum(map(len, seqs))))
     flat = np.concatenate(parts) if parts else np.zeros(0, dtype)
     return flat[:len(flat) // block * block]
@@ -614,6 +640,17 @@ def _agreed(result):
     return value
 
 
+def plan_preparers(views: list[tuple[str, bool]]) -> tuple[set[int], list[int]]:
+    """Who prepares, and whose entry each rank reads, from each rank's (host name, sees rank 0's probe file):
+    rank 0 for every rank that sees it (a shared cache dir), else the first rank of its host that does not."""
+    preparers = {0}
+    for host in {h for h, seen in views if not seen}:
+        preparers.add(min(r for r, (h, seen) in enumerate(views) if h == host and not seen))
+    reads_from = [0 if seen else min(r for r in preparers if views[r][0] == host and not views[r][1])
+                  for host, seen in views]
+    return preparers, reads_from
+
+
 def prepare_for_run(spec, source, out: Path, denv):
     """(tokenizer, splits) for train(): synthetic batches, or the token cache's entry for the run's data —
     reused when its key matches, else built by one process per filesystem while the other ranks wait. Every
@@ -643,17 +680,13 @@ def prepare_for_run(spec, source, out: Path, denv):
     views = job.gather((socket.gethostname(), sees))
     if is_main:
         probe.unlink(missing_ok=True)
-    preparers = {0}
-    for host in {h for h, s in views if not s}:
-        preparers.add(min(r for r, (h, s) in enumerate(views) if h == host and not s))
+    preparers, reads_from = plan_preparers(views)
     # 3. the preparers reuse or build; everyone else waits for them here
     mine = _guarded(lambda: prep.entry(tokenizer)) if denv.rank in preparers else None
     results = job.gather(mine)
     for r in sorted(preparers):
         _agreed(results[r])
-    host, seen = views[denv.rank]
-    source_rank = 0 if seen else min(r for r in preparers if views[r][0] == host and not views[r][1])
-    entry, manifest, status = results[source_rank][1]
+    entry, manifest, status = results[reads_from[denv.rank]][1]
     job.close()
     for note in prep.notes:
         say(note)
