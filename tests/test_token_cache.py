@@ -4,7 +4,6 @@ rewrites nothing, a changed tokenizer or block size builds a new entry, a prepar
 nothing a run would read, and two real CPU ranks read disjoint rows and resume exactly where a checkpoint left
 off."""
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -169,3 +168,17 @@ def test_the_run_dir_is_untouched_when_the_data_cannot_fill_a_block(tmp_path):
                     "--block_size", "200", "--cache_dir", str(cache)])
     assert proc.returncode == 2 and "shorter than one block of --block_size 200" in proc.stderr, explain(proc)
     assert not cache.exists()
+
+
+def test_two_ranks_stop_together_when_the_preparer_finds_bad_input(tmp_path):
+    """The preparer's one line reaches the waiting rank: both stop (no rank left waiting at the barrier), and
+    nothing is kept in the cache or the run dir."""
+    (tmp_path / "short.txt").write_text("hello there\nanother short line\n")
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    proc = deepspeed_train(["--preset", "gpt2_tiny", "--from_scratch", "--train_file", str(tmp_path / "short.txt"),
+                            "--block_size", "200", "--max_steps", "2", "--cache_dir", str(cache),
+                            "--output_dir", str(out)], timeout=240)
+    assert proc.returncode != 0, explain(proc)
+    lines = [x for x in proc.stderr.splitlines() if "shorter than one block of --block_size 200" in x]
+    assert lines, explain(proc)  # said by a rank (the launcher may stop the other before it says it too)
+    assert not out.exists() and not entries(cache) and not list(cache.glob(".probe-*"))

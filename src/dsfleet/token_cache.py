@@ -51,7 +51,7 @@ PACK_ROWS = 100_000  # causal LM: rows packed together into blocks (data.tokeniz
 ENCODE_ROWS = 10_000  # causal LM: rows tokenized per call inside a packing group (bounded worker memory)
 PAIR_ROWS = 2_000  # translation: rows per worker task
 WAIT_S = 24 * 3600  # how long ranks wait for the preparer
-SPLITS = ("train", "validation", "test")
+KEY_LEN = 24  # hex digits of an entry's key
 
 
 def default_cache_dir() -> Path:
@@ -69,7 +69,7 @@ def cache_root(spec) -> Path:
 
 
 def _digest(material: Any) -> str:
-    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:KEY_LEN]
 
 
 # ---- what identifies the data, the tokenizer and the entry ------------------------------------------------------
@@ -379,10 +379,10 @@ def _remove_stale_temps(tokens_dir: Path) -> None:
     """Temp dirs of preparers on this host that are gone (killed): never read, removed here."""
     host = socket.gethostname()
     for tmp in tokens_dir.glob(".tmp-*"):
-        parts = tmp.name.rsplit("-", 3)  # .tmp-<key>-<host>-<pid>-<n>
-        if len(parts) == 4 and parts[1] == host and parts[2].isdigit():
+        parts = tmp.name[len(".tmp-") + KEY_LEN + 1:].rsplit("-", 2)  # .tmp-<key>-<host>-<pid>-<n>, host may have '-'
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit():
             try:
-                os.kill(int(parts[2]), 0)
+                os.kill(int(parts[1]), 0)
             except ProcessLookupError:
                 shutil.rmtree(tmp, ignore_errors=True)
             except PermissionError:
@@ -668,18 +668,26 @@ def prepare_for_run(spec, source, out: Path, denv):
         return tokenizer, splits
     job = _Job(denv)
     prep = Preparation(spec, source, out, denv.world_size)
-    # 1. the tokenizer: rank 0 decides (a trained one is sent to everyone: one tokenizer per job)
-    tok_source = _agreed(job.broadcast(_guarded(prep.tokenizer_source) if is_main else None))
-    tokenizer = tokenizer_from(tok_source)
+    # 1. the tokenizer: rank 0 decides (a trained one is sent to everyone: one tokenizer per job); rank 0 also
+    #    writes a probe file in the cache dir, for 2.
+    probe = prep.root / f".probe-{uuid.uuid4().hex}"
+    decided = None
+    if is_main:
+        decided = (_guarded(prep.tokenizer_source),
+                   _guarded(lambda: (_mkdirs(prep.root), probe.write_text(probe.name), probe.name)[-1]))
+    decided = job.broadcast(decided)
+    tok_source = decided[0][1] if decided[0][0] == "ok" else None
+    loaded = _guarded(lambda: tokenizer_from(tok_source)) if tok_source else ("ok", None)
     # 2. who prepares: rank 0 for every rank that sees rank 0's probe file in the cache dir, else the first rank
-    #    of each node that does not
-    probe = prep.root / f".probe-{uuid.uuid4().hex}" if is_main else None
-    made = _guarded(lambda: (_mkdirs(prep.root), probe.write_text(probe.name), probe.name)[-1]) if is_main else None
-    probe_name = _agreed(job.broadcast(made))
-    sees = (prep.root / probe_name).is_file()
-    views = job.gather((socket.gethostname(), sees))
+    #    of each host that does not
+    sees = decided[1][0] == "ok" and (prep.root / decided[1][1]).is_file()
+    gathered = job.gather((socket.gethostname(), sees, loaded if loaded[0] == "error" else ("ok", None)))
     if is_main:
         probe.unlink(missing_ok=True)
+    for result in (*decided, *(g[2] for g in gathered)):  # a bad input anywhere stops every rank, now
+        _agreed(result)
+    tokenizer = loaded[1]
+    views = [(host, seen) for host, seen, _ in gathered]
     preparers, reads_from = plan_preparers(views)
     # 3. the preparers reuse or build; everyone else waits for them here
     mine = _guarded(lambda: prep.entry(tokenizer)) if denv.rank in preparers else None
