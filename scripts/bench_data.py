@@ -58,6 +58,8 @@ def make_corpus(path: Path, megabytes: float, seed: int = 0) -> Path:
             picks = words[rng.choice(len(words), int(lens.sum()), p=p)]
             ends = np.cumsum(lens)
             text = "\n".join(" ".join(picks[e - n:e]) for n, e in zip(lens, ends)) + "\n"
+            if written + len(text) > target:  # stop at the first line end past the size asked for
+                text = text[:text.index("\n", target - written) + 1]
             f.write(text)
             written += len(text)
     return path
@@ -102,7 +104,7 @@ def measure(cmd: list[str], env: dict, log: Path, rss_cap: float | None = None, 
                 if rank is not None and rank_of.get(ppid) is None:  # a rank, not a worker it forked
                     ranks[int(rank)] = max(ranks.get(int(rank), 0), rss)
             tree_peak = max(tree_peak, total)
-            if rss_cap and any(v > rss_cap for v in ranks.values()):
+            if rss_cap and max([*ranks.values(), top_peak]) > rss_cap:
                 killed = f"stopped at {time.time() - started:.0f} s: a rank passed {rss_cap / 2**30:.1f} GiB RSS"
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
@@ -158,7 +160,49 @@ print(json.dumps({"load_s": round(t1 - t0, 1), "map_s": round(t2 - t1, 1),
 '''
 
 
-def bench_size(mb: float, work: Path, baseline_src: Path, rss_cap: float, skip_old: bool) -> dict:
+NEW_STEP = r'''
+import json, resource, sys, time
+from dsfleet import token_cache
+from dsfleet.models import resolve_source
+from dsfleet.spec import parse_args
+spec = parse_args(sys.argv[1:])
+source = resolve_source(spec)
+t = time.time()
+tokenizer, splits, entry = token_cache.prepare_once(spec, source, None, 1, say=lambda line: None)
+step = max(1, len(splits["train"]) // 64)
+rows = [splits["train"][i] for i in range(0, len(splits["train"]), step)]
+print(json.dumps({"data_s": round(time.time() - t, 2), "rows": len(splits["train"]),
+                  "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+'''
+OLD_STEP = r'''
+import json, resource, sys, time
+from dsfleet import data
+from dsfleet.models import resolve_source
+from dsfleet.spec import parse_args
+spec = parse_args(sys.argv[1:])
+source = resolve_source(spec)
+t = time.time()
+raw = data.load_checked(spec, 1)
+vocab = int(source.preset.config.get("vocab_size", 512))
+tokenizer = (data.load_tokenizer(spec.tokenizer_name) if spec.tokenizer_name
+             else data.train_bpe_tokenizer(data.training_texts(spec, raw), vocab))
+splits = data.tokenize(spec, raw, tokenizer)
+print(json.dumps({"data_s": round(time.time() - t, 2), "rows": len(splits["train"]),
+                  "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+'''
+
+
+def data_step(script: str, args: list[str], env: dict, log: Path, rss_cap: float | None, timeout: float) -> dict:
+    """One process doing what one rank does for its data before the model is built (rank 0's share)."""
+    res = measure([sys.executable, "-c", script, *args], env, log, rss_cap=rss_cap, timeout=timeout)
+    lines = Path(log).read_text().strip().splitlines()
+    if res["rc"] == 0 and lines:
+        res.update(json.loads(lines[-1]))
+    return res
+
+
+def bench_size(mb: float, work: Path, baseline_src: Path, rss_cap: float, skip_old: bool, tokenizer: str | None,
+               time_cap: float, skip_anchor: bool) -> dict:
     cores = len(os.sched_getaffinity(0))
     size_dir = work / f"{mb:g}MB"
     shutil.rmtree(size_dir, ignore_errors=True)
@@ -166,7 +210,8 @@ def bench_size(mb: float, work: Path, baseline_src: Path, rss_cap: float, skip_o
     corpus = make_corpus(work / f"corpus_{mb:g}MB.txt", mb)
     nbytes = corpus.stat().st_size
     res: dict = {"size_mb": round(nbytes / 1e6, 1), "lines": sum(1 for _ in open(corpus, "rb")), "cores": cores}
-    data_flags = ["--train_file", str(corpus)]
+    data_flags = ["--train_file", str(corpus), *(["--tokenizer_name", tokenizer] if tokenizer else [])]
+    res["tokenizer"] = tokenizer or "byte-level BPE trained on the corpus"
     cache = size_dir / "token-cache"
     print(f"[{mb:g} MB] cold prepare", flush=True)
     cold = measure([sys.executable, "-m", "dsfleet.cli", "prepare", "--", *TRAIN, *data_flags, "--cache_dir", str(cache)],
@@ -188,25 +233,31 @@ def bench_size(mb: float, work: Path, baseline_src: Path, rss_cap: float, skip_o
     start["first_step_s"] = first_step_s(run, start["started_unix"])
     start["reused"] = "token cache reused" in Path(start["log"]).read_text()
     res["prepared_start"] = start
+    res["prepared_data_step"] = data_step(NEW_STEP, [*TRAIN, *data_flags, "--cache_dir", str(cache)],
+                                          env_with(PYTHONPATH=str(REPO / "src")), size_dir / "step-new.log", None,
+                                          time_cap)
     print(f"[{mb:g} MB] anchor: datasets.map(num_proc={cores})", flush=True)
     tok_json = next((cache / "tokens").glob("*/tokenizer.json"))
     anchor_env = env_with(HF_DATASETS_CACHE=str(size_dir / "hf-anchor"), PYTHONPATH=str(REPO / "src"))
-    t = time.time()
-    done = subprocess.run([sys.executable, "-c", ANCHOR, str(corpus), str(tok_json), "64", str(cores)], env=anchor_env,
-                          cwd=REPO, capture_output=True, text=True)
-    anchor = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {"error": done.stderr[-500:]}
-    anchor["wall_s"] = round(time.time() - t, 1)
-    if "map_s" in anchor:
-        anchor["map_mb_per_s"] = round(nbytes / 1e6 / anchor["map_s"], 1)
-    res["anchor"] = anchor
+    if not skip_anchor:
+        anchor = measure([sys.executable, "-c", ANCHOR, str(corpus), str(tok_json), "64", str(cores)], anchor_env,
+                         size_dir / "anchor.log", timeout=time_cap)
+        lines = Path(anchor["log"]).read_text().strip().splitlines()
+        if anchor["rc"] == 0 and lines:
+            anchor.update(json.loads(lines[-1]))
+            anchor["map_mb_per_s"] = round(nbytes / 1e6 / anchor["map_s"], 1)
+        res["anchor"] = anchor
     if not skip_old:
         print(f"[{mb:g} MB] today's path ({baseline_src})", flush=True)
         run = size_dir / "run-old"
         old = measure(deepspeed_cmd([*TRAIN, *data_flags, "--output_dir", str(run)]),
                       env_with(HF_DATASETS_CACHE=str(size_dir / "hf-anchor"), PYTHONPATH=str(baseline_src)),
-                      size_dir / "start-old.log", rss_cap=rss_cap)
+                      size_dir / "start-old.log", rss_cap=rss_cap, timeout=time_cap)
         old["first_step_s"] = first_step_s(run, old["started_unix"])
         res["todays_path"] = old
+        res["todays_data_step"] = data_step(OLD_STEP, [*TRAIN, *data_flags], env_with(
+            HF_DATASETS_CACHE=str(size_dir / "hf-anchor"), PYTHONPATH=str(baseline_src)), size_dir / "step-old.log",
+            rss_cap, time_cap)
     for d in ("hf-new", "hf-anchor"):
         shutil.rmtree(size_dir / d, ignore_errors=True)
     return res
@@ -216,13 +267,18 @@ def table(results: list[dict]) -> str:
     rows = ["| corpus | path | prepare (wall) | tokenize | start-up to first step | peak RSS per rank |",
             "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        c, s, a = r["cold_prepare"], r["prepared_start"], r["anchor"]
+        c, s, a = r["cold_prepare"], r["prepared_start"], r.get("anchor", {})
         size = f"{r['size_mb']:,.0f} MB ({r['lines']:,} lines)"
         rows.append(f"| {size} | token cache, cold `dsfleet prepare` ({c['workers']} workers) | {c['wall_s']} s "
                     f"({c['mb_per_s']} MB/s) | {c['tokenize_s']} s ({c['tokenize_mb_per_s']} MB/s) | — | preparer "
                     f"{c['top_peak_rss_mb']} MB (tree {c['tree_peak_rss_mb']} MB) |")
         rss = ", ".join(f"{v} MB" for v in s["rank_peak_rss_mb"].values())
-        rows.append(f"| {size} | token cache, prepared | — | — | {s['first_step_s']} s (run {s['wall_s']} s) | {rss} |")
+        rows.append(f"| {size} | token cache, prepared: 2 ranks | — | — | {s['first_step_s']} s (run {s['wall_s']} s) "
+                    f"| {rss} |")
+        d = r.get("prepared_data_step", {})
+        if "data_s" in d:
+            rows.append(f"| {size} | token cache, prepared: the data step alone (one process) | — | — | {d['data_s']} s "
+                        f"| {d['maxrss_mb']} MB (process peak) |")
         if "map_s" in a:
             rows.append(f"| {size} | anchor: datasets.map(num_proc={r['cores']}) + Arrow cache | load {a['load_s']} s "
                         f"| {a['map_s']} s ({a['map_mb_per_s']} MB/s) | — | — |")
@@ -230,8 +286,14 @@ def table(results: list[dict]) -> str:
             o = r["todays_path"]
             rss = ", ".join(f"{v} MB" for v in o["rank_peak_rss_mb"].values())
             first = f"{o['first_step_s']} s (run {o['wall_s']} s)" if o["first_step_s"] else f"— ({o['killed']})"
-            rows.append(f"| {size} | today's path (in memory, every rank) | — | — | {first} | "
+            rows.append(f"| {size} | today's path (in memory, every rank): 2 ranks | — | — | {first} | "
                         f"{'> ' if o['killed'] else ''}{rss} |")
+            d = r.get("todays_data_step", {})
+            if d:
+                done = f"{d['data_s']} s" if "data_s" in d else f"— ({d['killed']})"
+                peak = f"{d['maxrss_mb']} MB" if "maxrss_mb" in d else f"> {d['top_peak_rss_mb']} MB"
+                rows.append(f"| {size} | today's path: the data step alone (rank 0's share, one process) | — | — | "
+                            f"{done} | {peak} (process peak) |")
     return "\n".join(rows)
 
 
@@ -242,6 +304,12 @@ def main() -> int:
     parser.add_argument("--baseline-rev", default=None, help="git rev of today's path (default: merge base with main)")
     parser.add_argument("--rss-cap-gb", type=float, default=4.0, help="stop today's path when a rank passes this")
     parser.add_argument("--skip-old-above-mb", type=float, default=None, help="no today's-path run above this size")
+    parser.add_argument("--skip-anchor-above-mb", type=float, default=None, help="no anchor run above this size")
+    parser.add_argument("--time-cap-s", type=float, default=3600, help="stop a measured command after this long")
+    parser.add_argument("--data-steps-only", action="store_true", help="for sizes already measured: add the "
+                        "one-process data steps (prepared cache, today's path) to their results")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer dir for every path (default: each path "
+                        "trains its BPE on the corpus, as --from_scratch does)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rev = args.baseline_rev or subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=REPO, capture_output=True,
@@ -253,11 +321,37 @@ def main() -> int:
         subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
     results_path = args.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if "floor" not in results:  # the same run with no data at all: what start-up costs without any corpus
+        run = args.work / "run-synthetic"
+        shutil.rmtree(run, ignore_errors=True)
+        floor = measure(deepspeed_cmd([*TRAIN, "--synthetic_data", "--block_size", "64", "--output_dir", str(run)]),
+                        env_with(PYTHONPATH=str(REPO / "src")), args.work / "start-synthetic.log")
+        floor["first_step_s"] = first_step_s(run, floor["started_unix"])
+        results["floor"] = floor
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
     for mb in args.sizes_mb:
+        if args.data_steps_only:
+            size_dir, corpus = args.work / f"{mb:g}MB", args.work / f"corpus_{mb:g}MB.txt"
+            flags = [*TRAIN, "--train_file", str(corpus), *(["--tokenizer_name", args.tokenizer] if args.tokenizer else [])]
+            r = results[f"{mb:g}"]
+            r["prepared_data_step"] = data_step(NEW_STEP, [*flags, "--cache_dir", str(size_dir / "token-cache")],
+                                                env_with(PYTHONPATH=str(REPO / "src")), size_dir / "step-new.log",
+                                                None, args.time_cap_s)
+            r["todays_data_step"] = data_step(OLD_STEP, flags, env_with(
+                HF_DATASETS_CACHE=str(size_dir / "hf-old"), PYTHONPATH=str(baseline / "src")),
+                size_dir / "step-old.log", args.rss_cap_gb * 2**30, args.time_cap_s)
+            shutil.rmtree(size_dir / "hf-old", ignore_errors=True)
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+            continue
         skip = args.skip_old_above_mb is not None and mb > args.skip_old_above_mb
-        results[f"{mb:g}"] = bench_size(mb, args.work, baseline / "src", args.rss_cap_gb * 2**30, skip)
+        skip_anchor = args.skip_anchor_above_mb is not None and mb > args.skip_anchor_above_mb
+        results[f"{mb:g}"] = bench_size(mb, args.work, baseline / "src", args.rss_cap_gb * 2**30, skip, args.tokenizer,
+                                        args.time_cap_s, skip_anchor)
         results[f"{mb:g}"]["baseline_rev"] = rev
         results_path.write_text(json.dumps(results, indent=1) + "\n")
+    f = results["floor"]
+    print(f"no data (--synthetic_data): first step {f['first_step_s']} s, ranks "
+          f"{', '.join(f'{v} MB' for v in f['rank_peak_rss_mb'].values())}")
     print(table([results[f"{mb:g}"] for mb in args.sizes_mb]))
     return 0
 
