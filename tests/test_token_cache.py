@@ -96,6 +96,23 @@ def test_prepare_command_reuses_and_rebuilds_for_a_new_tokenizer_or_block_size(t
     assert len({m["inputs"]["tokenizer"] for m in built.values()}) == 2 and len(other) == 280
 
 
+def test_the_batch_order_is_the_one_a_python_list_gave():
+    """ResumableOrder keeps its epoch order as an int32 tensor (memory): the same samples as torch's int64
+    permutation as a list, so runs and checkpoints from before resume on the same order."""
+    import torch
+    from dsfleet.data import ResumableOrder
+    n, micro, world = 1003, 4, 2
+    for rank in range(world):
+        order = ResumableOrder(n, micro, rank, world, seed=7)
+        batches = iter(order)
+        got = [next(batches) for _ in range(n // (micro * world) + 3)]  # into the second epoch
+        want = []
+        for epoch in (0, 1):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+            want += [perm[o + rank * micro:o + rank * micro + micro] for o in range(0, n - micro * world + 1, micro * world)]
+        assert got == want[:len(got)] and all(isinstance(i, int) for i in got[0])
+
+
 def test_one_preparer_per_filesystem():
     """A cache dir every node sees: rank 0 prepares for all; per-node dirs (k8s pods): the first rank of each."""
     from dsfleet.token_cache import plan_preparers
