@@ -236,10 +236,10 @@ def bench_size(mb: float, work: Path, baseline_src: Path, rss_cap: float, skip_o
     res["prepared_data_step"] = data_step(NEW_STEP, [*TRAIN, *data_flags, "--cache_dir", str(cache)],
                                           env_with(PYTHONPATH=str(REPO / "src")), size_dir / "step-new.log", None,
                                           time_cap)
-    print(f"[{mb:g} MB] anchor: datasets.map(num_proc={cores})", flush=True)
     tok_json = next((cache / "tokens").glob("*/tokenizer.json"))
     anchor_env = env_with(HF_DATASETS_CACHE=str(size_dir / "hf-anchor"), PYTHONPATH=str(REPO / "src"))
     if not skip_anchor:
+        print(f"[{mb:g} MB] anchor: datasets.map(num_proc={cores})", flush=True)
         anchor = measure([sys.executable, "-c", ANCHOR, str(corpus), str(tok_json), "64", str(cores)], anchor_env,
                          size_dir / "anchor.log", timeout=time_cap)
         lines = Path(anchor["log"]).read_text().strip().splitlines()
