@@ -522,7 +522,7 @@ class Preparation:
         """("path", dir-or-name) for a tokenizer every rank loads itself, ("json", serialized) for one trained
         here: from the cache when this training text and vocabulary trained one before, else trained now."""
         spec = self.spec
-        name = spec.tokenizer_name or (spec.model_name_or_path if not spec.from_scratch else None)
+        name = spec.tokenizer_name or data.model_dir_tokenizer(spec)  # the model's own, as data.run_tokenizer
         if name:
             return "path", name
         if self.out is not None and (self.out / "tokenizer" / "tokenizer.json").is_file():
