@@ -51,6 +51,14 @@ def test_rendered_files_hold_no_credential_and_k8s_reads_them_from_the_secret(tm
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in env_list
             if "secretKeyRef" in e.get("valueFrom", {})}
     assert refs == dict.fromkeys(CREDENTIALS, "dsfleet-creds")
+    mpi = [d for d in yaml.safe_load_all((tmp_path / "mpijob2" / "k8s" / "mpijob" / "t5_3b.yaml").read_text())
+           if d and d["kind"] == "MPIJob"][0]
+    launcher = mpi["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in launcher["env"]}
+    assert refs == dict.fromkeys(CREDENTIALS, "dsfleet-creds")  # the launcher reads them from the Secret ...
+    args = launcher["args"]
+    forwarded = {args[i + 1] for i, a in enumerate(args) if a == "-x"}
+    assert set(CREDENTIALS) <= forwarded  # ... and mpirun forwards them by name to every rank (-x NAME, no value)
     plain = [d for d in yaml.safe_load_all((tmp_path / "all0" / "k8s" / "t5_3b.yaml").read_text()) if d]
     assert "secretKeyRef" not in yaml.safe_dump_all(plain)  # no --secret: no credential reaches the pods
 
