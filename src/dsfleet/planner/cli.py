@@ -49,7 +49,7 @@ def format_plan(plan: Plan, show_all: bool = False) -> str:
             f"{format_gib(pl.cpu_mem_bytes)} GiB CPU/node, "
             + (f"source {pl.seq_len} / target {pl.tgt_len} tokens" if pl.seq2seq else f"{pl.seq_len} tokens")
             + ("" if pl.family != "generic" else " (GPT-like dims assumed for --params)")
-            + f"\nparams, states, buffers: formula (meta-device counts, DeepSpeed's estimators); activations: "
+            + "\nparams, states, buffers: formula (meta-device counts, DeepSpeed's estimators); activations: "
             + pl.activations)
     legend = ("GiB per GPU: states = params+grads+optimizer (DeepSpeed's estimate), act = activations, buf = DeepSpeed "
               "buffers, ovh = CUDA context/NCCL/fragmentation;\n  peak = predicted torch.cuda.max_memory_allocated "
