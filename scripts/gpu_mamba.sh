@@ -22,6 +22,8 @@
 #           auto stopped after the same step (or at MAMBA_DEADLINE): steps 21.. must repeat the first launch's. In
 #           /dev/shm the checkpoint is memory already, so the relaunch memory-maps it (torch.load's mmap default,
 #           set by a sitecustomize made here): a loaded second copy (77 GiB) would not fit beside it.
+#           MAMBA7B_CKPT_ROOT=DIR puts the checkpoint there instead (how the phase was checked on CPU with a
+#           small model standing in for plan_7b's).
 # Carry: .whl (make-device-wheels.sh) and, from an earlier call, .whl/prebuilt/mamba-kernels-*.
 # MAMBA_START_BY=S: a phase after the first starts only within S seconds of this script's start (a device call
 # lasts 10 minutes at most; what is under $OUT comes back either way). MAMBA_DEADLINE=S: a training launch still
