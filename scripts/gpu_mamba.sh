@@ -13,13 +13,23 @@
 #   resume  mamba_1b (kernels, ZeRO-2, 1 x 2048) killed after step RESUME_KILL_AT of 40 with a checkpoint at step
 #           20, relaunched with --resume_from_checkpoint auto: steps 21.. must repeat the first launch's losses
 #   7b      mamba_7b on one GPU as `dsfleet plan` chooses for seq 2048 (ZeRO stage, micro-batch, checkpointing):
-#           MAMBA7B_STEPS (30) steps; the planner's predicted peak against the measured one. With room on disk for
-#           its checkpoint (about 16 bytes a parameter), a checkpoint at step 20, the launch killed at 25 and a
-#           relaunch that resumes it (steps 21-25 must repeat); without, the run is stopped after its last step
-#           (no checkpoint written) and the log says why.
+#           MAMBA7B_STEPS (30) steps, stopped after the last (no checkpoint); the planner's predicted peak against
+#           the measured one
+#   7b4096  the same at seq 4096 (the planner's choice for 4096)
+#   7bckpt  mamba_7b at seq 2048 as `7b`, with a checkpoint at step 20 in the first place with room for it (ZeRO
+#           states, ~12 bytes a parameter: under /tmp, else /dev/shm when the host's free memory holds it too);
+#           the launch killed (SIGKILL) after step MAMBA7B_KILL_AT (32), a relaunch with --resume_from_checkpoint
+#           auto stopped after the same step (or at MAMBA_DEADLINE): steps 21.. must repeat the first launch's. In
+#           /dev/shm the checkpoint is memory already, so the relaunch memory-maps it (torch.load's mmap default,
+#           set by a sitecustomize made here): a loaded second copy (77 GiB) would not fit beside it.
+#           MAMBA7B_CKPT_ROOT=DIR puts the checkpoint there instead (how the phase was checked on CPU with a
+#           small model standing in for plan_7b's).
 # Carry: .whl (make-device-wheels.sh) and, from an earlier call, .whl/prebuilt/mamba-kernels-*.
 # MAMBA_START_BY=S: a phase after the first starts only within S seconds of this script's start (a device call
-# lasts 10 minutes at most; what is under $OUT comes back either way).
+# lasts 10 minutes at most; what is under $OUT comes back either way). MAMBA_DEADLINE=S: a training launch still
+# running S seconds after this script's start is stopped (SIGKILL) and what it logged is summarised.
+# Every launch's host memory is sampled: the rank's peak RSS (VmHWM), its peak anonymous RSS, the host's least
+# MemAvailable.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_mamba}
 mkdir -p "$OUT"
@@ -30,7 +40,9 @@ arch=${CUDA_ARCH:-9.0}
 phases=("$@")
 [ ${#phases[@]} -gt 0 ] || phases=(build bench 7b)
 for p in "${phases[@]}"; do
-  case "$p" in build | bench | fp32 | resume | 7b) ;; *) echo "gpu_mamba: unknown phase '$p' — phases: build bench fp32 resume 7b" >&2; exit 2 ;; esac
+  case "$p" in build | bench | fp32 | resume | 7b | 7b4096 | 7bckpt) ;;
+    *) echo "gpu_mamba: unknown phase '$p' — phases: build bench fp32 resume 7b 7b4096 7bckpt" >&2; exit 2 ;;
+  esac
 done
 fails=()
 fail() { echo "FAIL: $*"; fails+=("$*"); }
@@ -121,19 +133,40 @@ phase_bench() {
 
 # train_until NAME STOP_AT -- TRAIN_ARGS...: one `deepspeed --num_gpus 1 --module dsfleet.train` launch (the
 # per-node command of slurm/mamba7b.sbatch), logged to $OUT/NAME.log; stopped (SIGKILL, as a crash would) once
-# metrics.jsonl has a row for step STOP_AT (0: let it finish). Leaves the exit code in $train_rc.
+# metrics.jsonl has a row for step STOP_AT (0: let it finish) or at MAMBA_DEADLINE. The run dir is
+# $work/NAME, or RUN_DIR when set. Leaves the exit code in $train_rc; the rank's host memory goes to summary.txt.
 train_until() {
-  local name=$1 stop_at=$2 dir=$work/$1
+  local name=$1 stop_at=$2 dir=${RUN_DIR:-$work/$1}
   shift 3
-  echo "== $name: dsfleet.train $*"
+  echo "== $name: dsfleet.train --output_dir $dir $*"
   setsid python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port "$((29600 + RANDOM % 300))" \
     --module dsfleet.train --output_dir "$dir" --report_to jsonl --no_progress --logging_steps 1 "$@" \
     >>"$OUT/$name.log" 2>&1 &
-  local pid=$!
+  local pid=$! rank="" p hwm=0 anon=0 avail_min now seen=0
+  # a relaunch appends to the same metrics.jsonl: only its own rows count
+  [ -f "$dir/metrics.jsonl" ] && seen=$(wc -l <"$dir/metrics.jsonl")
+  avail_min=$(awk '/^MemAvailable/{print $2}' /proc/meminfo)
   while kill -0 "$pid" 2>/dev/null; do
-    if [ "$stop_at" -gt 0 ] && grep -q "\"step\": $stop_at," "$dir/metrics.jsonl" 2>/dev/null; then
+    if [ -z "$rank" ]; then  # the rank: `python -u -m dsfleet.train --local_rank=0 ...` in the launch's session
+      for p in $(ps -o pid= -s "$pid" 2>/dev/null); do
+        tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -q -- "-m dsfleet.train " && rank=$p
+      done
+    fi
+    if [ -n "$rank" ] && [ -r "/proc/$rank/status" ]; then
+      read -r now p < <(awk '/^VmHWM/{h=$2} /^RssAnon/{a=$2} END{print h+0, a+0}' "/proc/$rank/status")
+      [ "$now" -gt "$hwm" ] && hwm=$now
+      [ "$p" -gt "$anon" ] && anon=$p
+    fi
+    now=$(awk '/^MemAvailable/{print $2}' /proc/meminfo)
+    [ "$now" -lt "$avail_min" ] && avail_min=$now
+    if [ "$stop_at" -gt 0 ] && tail -n +$((seen + 1)) "$dir/metrics.jsonl" 2>/dev/null | grep -q "\"step\": $stop_at,"; then
       kill -KILL -- "-$pid" 2>/dev/null
       echo "   stopped after step $stop_at"
+      break
+    fi
+    if [ -n "${MAMBA_DEADLINE:-}" ] && [ "$SECONDS" -gt "$MAMBA_DEADLINE" ]; then
+      kill -KILL -- "-$pid" 2>/dev/null
+      fail "$name stopped at MAMBA_DEADLINE=${MAMBA_DEADLINE}s before step $stop_at"
       break
     fi
     sleep 0.5
@@ -142,6 +175,8 @@ train_until() {
   train_rc=$?
   sleep 2  # the driver releases the killed ranks' memory
   grep -E "^dsfleet|Error|error:" "$OUT/$name.log" | grep -v Warning | tail -6
+  echo "$name host: rank peak RSS $((hwm / 1024)) MiB (anonymous $((anon / 1024)) MiB), host MemAvailable at least $((avail_min / 1024)) MiB, launch ended at ${SECONDS}s" |
+    tee -a "$OUT/summary.txt"
 }
 
 # summarise NAME [NAME...]: steps, loss first/last, tokens/s, MFU, peak memory (median over steps after the 3rd)
@@ -156,10 +191,12 @@ for name in sys.argv[2:]:
     if not rows:
         print(f"{name}: no train rows"); continue
     timed = [r for r in rows if r["step"] > 3] or rows
-    med = lambda k: statistics.median(r[k] for r in timed if r.get(k) is not None)
+    med = lambda k: statistics.median([r[k] for r in timed if r.get(k) is not None] or [float("nan")])
     print(f"{name}: steps {rows[0]['step']}-{rows[-1]['step']}, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}, "
           f"tokens/s {med('tokens_per_s'):,.0f}, TFLOP/s {med('tflops'):.1f}, MFU {med('mfu'):.1%}, "
-          f"peak {max(r['peak_mem_bytes'] for r in rows) / 2**30:.1f} GiB, scan {rows[-1].get('mamba_scan')}")
+          f"peak {max(r['peak_mem_bytes'] for r in rows) / 2**30:.1f} GiB allocated "
+          f"({max(r.get('peak_mem_reserved_bytes') or 0 for r in rows) / 2**30:.1f} reserved), "
+          f"scan {rows[-1].get('mamba_scan')}")
 PY
 }
 
@@ -227,39 +264,84 @@ phase_resume() {
   rm -rf "$work"/resume1b*
 }
 
-phase_7b() {
-  local steps=${MAMBA7B_STEPS:-30} plan zero mb ckpt predicted
-  python3 -m dsfleet.cli plan --preset mamba_7b --gpus 1 --gpu-mem 139GiB --cpu-mem 128GiB --seq-len 2048 \
-    --precision bf16 | tee "$OUT/plan_mamba_7b.txt" | tail -3
-  plan=$(python3 -m dsfleet.cli plan --preset mamba_7b --gpus 1 --gpu-mem 139GiB --cpu-mem 128GiB --seq-len 2048 \
-    --precision bf16 --json | python3 -c 'import json, sys; b = json.load(sys.stdin)["best"]
+# plan_7b SEQ: the planner's choice for mamba_7b on this GPU at SEQ tokens -> $args7b (the training flags but
+# the step counts) and $predicted (bytes: torch.cuda.max_memory_allocated)
+plan_7b() {
+  local seq=$1 zero mb ckpt offload
+  python3 -m dsfleet.cli plan --preset mamba_7b --gpus 1 --gpu-mem 139GiB --cpu-mem 128GiB --seq-len "$seq" \
+    --precision bf16 | tee "$OUT/plan_mamba_7b_$seq.txt" | tail -1
+  read -r zero mb ckpt predicted offload < <(python3 -m dsfleet.cli plan --preset mamba_7b --gpus 1 --gpu-mem 139GiB \
+    --cpu-mem 128GiB --seq-len "$seq" --precision bf16 --json | python3 -c 'import json, sys; b = json.load(sys.stdin)["best"]
 print(b["zero_stage"], b["micro_batch"], int(b["gradient_checkpointing"]), b["gpu"]["peak"], b["offload_optimizer"])')
-  read -r zero mb ckpt predicted offload <<<"$plan"
-  echo "== 7b: planner's choice: ZeRO-$zero, micro-batch $mb, checkpointing $ckpt, optimizer offload $offload, predicted peak $((predicted / 2**20)) MiB"
-  local args=(--preset mamba_7b --from_scratch --synthetic_data --bf16 --zero "$zero" --offload_optimizer "$offload"
-    --per_device_train_batch_size "$mb" --block_size 2048 --max_steps "$steps" --export_hf false --peak_tflops 989)
-  [ "$ckpt" = 0 ] || args+=(--gradient_checkpointing)
-  local free need
+  echo "== 7b seq $seq: planner's choice: ZeRO-$zero, micro-batch $mb, checkpointing $ckpt, optimizer offload $offload, predicted peak $((predicted / 2**20)) MiB"
+  args7b=(--preset mamba_7b --from_scratch --synthetic_data --bf16 --zero "$zero" --offload_optimizer "$offload"
+    --per_device_train_batch_size "$mb" --block_size "$seq" --export_hf false --peak_tflops 989)
+  [ "$ckpt" = 0 ] || args7b+=(--gradient_checkpointing)
+}
+
+# run_7b NAME SEQ: MAMBA7B_STEPS steps at the planner's choice for SEQ, stopped after the last (nothing saved)
+run_7b() {
+  local name=$1 seq=$2 steps=${MAMBA7B_STEPS:-30}
+  plan_7b "$seq"
+  rm -rf "${work:?}/$name"
+  train_until "$name" "$steps" -- "${args7b[@]}" --max_steps "$steps"
+  summarise "$name"
+  echo "$name: planner predicted peak $((predicted / 2**20)) MiB (torch.cuda.max_memory_allocated)" | tee -a "$OUT/summary.txt"
+  cp "$work/$name/metrics.jsonl" "$OUT/${name}_metrics.jsonl" 2>/dev/null
+  rm -rf "${work:?}/$name"
+}
+
+phase_7b() { run_7b mamba7b 2048; }
+phase_7b4096() { run_7b mamba7b_4096 4096; }
+
+phase_7bckpt() {
+  local kill_at=${MAMBA7B_KILL_AT:-32} need free avail root="" site=$work/mmap_site
+  plan_7b 2048
+  need=$((12 * 6923 * 10**6 + 2**30))  # ZeRO-3 checkpoint: fp32 master + Adam's two moments, a GiB to spare
   free=$(df --output=avail -B1 "$work" | tail -1)
-  need=$((16 * 6923 * 10**6))
-  rm -rf "$work/mamba7b"
-  if [ "$free" -gt "$need" ]; then
-    # a checkpoint at step 20, the first launch killed at 25 (as a crash would), the relaunch resumes it and is
-    # stopped after its last step (its end-of-run checkpoint would need room for a second one)
-    train_until mamba7b 25 -- "${args[@]}" --save_steps 20
-    train_until mamba7b "$steps" -- "${args[@]}" --save_steps 20 --resume_from_checkpoint auto
-    grep -q "resumed from .*step_20" "$OUT/mamba7b.log" || fail "mamba_7b did not resume from step_20"
-    split_launches mamba7b
-    same_losses mamba7b_a mamba7b_b 21 25 || fail "mamba_7b resumed losses differ from the first launch's"
-    summarise mamba7b_a mamba7b_b
+  if [ -n "${MAMBA7B_CKPT_ROOT:-}" ]; then  # chosen by the caller (a check of this phase on a small model)
+    root=$MAMBA7B_CKPT_ROOT
+  elif [ "$free" -gt "$need" ]; then
+    root=$work
   else
-    echo "   no room for a mamba_7b checkpoint: $((free / 2**30)) GiB free under $work, ~$((need / 2**30)) GiB needed — stopping after step $steps, nothing saved"
-    train_until mamba7b "$steps" -- "${args[@]}"
+    echo "   $((free / 2**30)) GiB free under $work, ~$((need / 2**30)) GiB needed: trying /dev/shm"
+    free=$(df --output=avail -B1 /dev/shm | tail -1)
+    avail=$(($(awk '/^MemAvailable/{print $2}' /proc/meminfo) * 1024))
+    # /dev/shm is host memory: the checkpoint and the training process (~16 GiB host) must both fit
+    if [ "$free" -gt "$need" ] && [ "$avail" -gt $((need + 24 * 2**30)) ]; then
+      root=/dev/shm/dsfleet-mamba
+    fi
   fi
-  summarise mamba7b
-  echo "planner predicted peak $((predicted / 2**20)) MiB (torch.cuda.max_memory_allocated)" | tee -a "$OUT/summary.txt"
-  cp "$work/mamba7b/metrics.jsonl" "$OUT/mamba7b_metrics.jsonl" 2>/dev/null
-  rm -rf "$work"/mamba7b*
+  if [ -n "$root" ] && [ "$root" != "$work" ]; then
+    mkdir -p "$site"
+    printf '%s\n' '# gpu_mamba.sh 7bckpt: the checkpoint lives in /dev/shm (memory): load it memory-mapped, not a second copy' \
+      'import torch.utils.serialization' 'torch.utils.serialization.config.load.mmap = True' >"$site/sitecustomize.py"
+  fi
+  if [ -z "$root" ]; then
+    fail "no room for a mamba_7b checkpoint (~$((need / 2**30)) GiB) under $work or in /dev/shm: 7bckpt not run"
+    return 1
+  fi
+  echo "== 7bckpt: checkpoint under $root ($((free / 2**30)) GiB free, ~$((need / 2**30)) GiB needed)"
+  rm -rf "${root:?}/mamba7b_ckpt" "$work"/mamba7b_ckpt*
+  local args=("${args7b[@]}" --max_steps 40 --save_steps 20)
+  RUN_DIR=$root/mamba7b_ckpt train_until mamba7b_ckpt "$kill_at" -- "${args[@]}"
+  du -sh "$root/mamba7b_ckpt/checkpoints/"* 2>/dev/null | sed 's/^/   /'
+  find "$root/mamba7b_ckpt/checkpoints/step_20" -type f -printf "   %s bytes  %p\n" 2>/dev/null
+  if [ "$root" = "$work" ]; then
+    RUN_DIR=$root/mamba7b_ckpt train_until mamba7b_ckpt "$kill_at" -- "${args[@]}" --resume_from_checkpoint auto
+  else
+    PYTHONPATH=$site:$PYTHONPATH RUN_DIR=$root/mamba7b_ckpt train_until mamba7b_ckpt "$kill_at" -- "${args[@]}" \
+      --resume_from_checkpoint auto
+  fi
+  grep -q "resumed from .*step_20" "$OUT/mamba7b_ckpt.log" || fail "mamba_7b did not resume from step_20"
+  mkdir -p "$work/mamba7b_ckpt"
+  cp "$root/mamba7b_ckpt/metrics.jsonl" "$work/mamba7b_ckpt/metrics.jsonl" 2>/dev/null
+  cp "$root/mamba7b_ckpt/metrics.jsonl" "$OUT/mamba7b_ckpt_metrics.jsonl" 2>/dev/null
+  split_launches mamba7b_ckpt
+  same_losses mamba7b_ckpt_a mamba7b_ckpt_b 21 "$kill_at" || fail "mamba_7b resumed losses differ from the first launch's"
+  summarise mamba7b_ckpt_a mamba7b_ckpt_b
+  echo "mamba7b_ckpt: planner predicted peak $((predicted / 2**20)) MiB (torch.cuda.max_memory_allocated)" | tee -a "$OUT/summary.txt"
+  rm -rf "${root:?}/mamba7b_ckpt" "$work"/mamba7b_ckpt*
 }
 
 # $OUT returns 8 files at most: all but the kernel tarball, this log and the summaries go into logs.tgz

@@ -10,6 +10,7 @@ model_type is one line, not a checkpoint loaded into the wrong class.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -114,6 +115,52 @@ def count_parameters(preset, seq2seq: bool | None = None, **overrides) -> int:
     with torch.device("meta"):
         model = fam.model_cls(build_config(preset, seq2seq, **overrides))
     return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def mamba_zero3_init(family_name: str, accel):
+    """Around building a Mamba from scratch under ZeRO-3; yields `finish(model)`, to call once it is built.
+    transformers runs each module's weight init on that module's gathered parameters, but until some release (5.17,
+    the GPU image's, does not; 5.24 does) not on its children's: MambaMixer's init writes dt_proj, conv1d and
+    out_proj, there still empty shards ('size of tensor a (0) must match ... (9728)': mamba_7b on one H200). Here a
+    mixer whose weights are still partitioned defers its init, and `finish` initialises every mixer on all of its
+    parameters gathered (rank 0's values kept) — on every rank, as gathering is collective: rank 0, the only one
+    that runs transformers' init, says whether it deferred."""
+    if family_name != "mamba":
+        yield lambda model: None
+        return
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+    upstream = MambaMixer.init_mamba_weights
+    deferred = []
+
+    def init_or_defer(self):
+        params = [*self.parameters(recurse=False), *self.dt_proj.parameters()]
+        if any(getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE for p in params):
+            deferred.append(self)
+            return
+        upstream(self)
+
+    def finish(model):
+        import torch.distributed as dist
+        flag = torch.tensor([len(deferred)], device=accel.current_device_name())
+        if dist.is_initialized():
+            dist.broadcast(flag, 0)
+        if not flag.item():
+            return
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        for mixer in (m for m in model.modules() if isinstance(m, MambaMixer)):
+            with deepspeed.zero.GatheredParameters(list(mixer.parameters()), modifier_rank=0):
+                if rank == 0:
+                    with torch.no_grad():
+                        model._init_weights(mixer)
+
+    MambaMixer.init_mamba_weights = init_or_defer
+    try:
+        yield finish
+    finally:
+        MambaMixer.init_mamba_weights = upstream
 
 
 def load_model(preset, model_name_or_path: str | None, from_scratch: bool, config_overrides: dict | None = None,
@@ -301,7 +348,10 @@ def build_for_run(spec, source: ModelSource, tokenizer, ds_config: dict, zero_st
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841
         if spec.from_scratch:
             try:
-                return load()  # Mamba's init_mamba_weights included: it runs inside transformers' gathering
+                with mamba_zero3_init(source.family, accel) as finish:
+                    model = load()
+                finish(model)
+                return model
             finally:
                 del keep_alive
     on_cpu = accel.device_name() == "cpu"
