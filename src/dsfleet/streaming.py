@@ -28,6 +28,8 @@ from typing import Any, Iterator
 from dsfleet import data
 from dsfleet.cli import fail
 
+ENCODE_BATCH = 256  # texts of a rank's share tokenized per tokenizer call
+
 
 def check(spec) -> None:
     """The options a stream cannot serve."""
@@ -105,16 +107,11 @@ class StreamRows:
             buf: list[int] = []
             segs: list[list[int]] = []  # [example, first token, end] of each example's part of buf, in order
             yielded = False
-            for k, row in enumerate(share, start=start_example):
-                if column not in row:
-                    fail(f"the streamed train data has no {column!r} column (columns: {', '.join(row)}) — pass "
-                         "--text_column")
-                text = row[column]
+            for k, text, ids in self._encoded(share, start_example):
                 if not text:
                     if not segs:
                         self.position.update(example=k + 1, token=0)
                     continue
-                ids = tok(text)["input_ids"]
                 ids = ids if ids and ids[-1] == eos else ids + [eos]
                 first = start_token if k == start_example else 0
                 if first >= len(ids):
@@ -142,6 +139,24 @@ class StreamRows:
                 fail(f"this rank's share of the streamed train data (rank {self.rank} of {self.world}) holds less "
                      f"than one block of --block_size {block} tokens — give more text or a smaller --block_size")
             self.position = {"pass": self.position["pass"] + 1, "example": 0, "token": 0}  # the next pass
+
+    def _encoded(self, share, start: int) -> Iterator[tuple[int, Any, list[int]]]:
+        """(example index in the share, its text, its ids), the texts tokenized ENCODE_BATCH at a time (one
+        tokenizer call per batch, not per text)."""
+        column, rows = self.spec.text_column, enumerate(share, start=start)
+        while True:
+            chunk = list(islice(rows, ENCODE_BATCH))
+            if not chunk:
+                return
+            for _, row in chunk[:1]:
+                if column not in row:
+                    fail(f"the streamed train data has no {column!r} column (columns: {', '.join(row)}) — pass "
+                         "--text_column")
+            texts = [row[column] for _, row in chunk]
+            full = [t for t in texts if t]
+            encoded = iter(self.tokenizer(full)["input_ids"] if full else [])
+            for (k, _), text in zip(chunk, texts):
+                yield k, text, next(encoded) if text else []
 
     def check_first_block(self) -> tuple[str, str | None]:
         """("ok", None) when this rank's share fills one block from the start, else ("error", the one line) —
