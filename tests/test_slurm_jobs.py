@@ -214,6 +214,7 @@ FAKE_TRAINER = """#!/bin/bash
 # stands in for the interpreter: `FAKE -m dsfleet.cli prepare ARGS` in the one prepare task (exits with
 # FAKE_PREPARE_CODE), then `FAKE -m dsfleet.train ARGS` in each srun task (exits with FAKE_CODE)
 if [ "$2" = dsfleet.cli ]; then
+  if [ -n "${FAKE_PREPARE_SLEEP:-}" ]; then echo "dsfleet-fake: preparing"; sleep "$FAKE_PREPARE_SLEEP" & wait $!; fi
   echo "dsfleet-fake: prepare task $SLURM_PROCID of $SLURM_NTASKS: $3 $4 $5 exits ${FAKE_PREPARE_CODE:-0}"
   exit "${FAKE_PREPARE_CODE:-0}"
 fi
@@ -250,6 +251,27 @@ def test_the_script_s_verdict_follows_the_trainer(slurm_cluster, script, tmp_pat
     assert "invalid option" not in text, text
     if words:
         assert words in text, text
+
+
+def test_a_signal_while_preparing_takes_the_requeue_path(slurm_cluster, script, tmp_path):  # noqa: F811
+    """USR1 (the time-limit warning) during the data preparation: nothing to checkpoint, so the script stops the
+    prepare task and exits 75, the requeue path (here past the cap: FAILED 75 with the reason); no rank started."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_TRAINER)
+    fake.chmod(0o755)
+    job = Job(slurm_cluster, script, tmp_path, python=str(fake), FAKE_CODE="0", FAKE_PREPARE_SLEEP="60",
+              DSFLEET_MAX_REQUEUES="0")
+    deadline = time.monotonic() + 60
+    while "dsfleet-fake: preparing" not in job.text():
+        assert time.monotonic() < deadline, job.text()
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job.id))
+    info = job.wait(("FAILED",), timeout=90)
+    text = job.text()
+    assert info.get("ExitCode") == "75:0", (info, text)
+    assert "dsfleet: USR1 while preparing the data (no checkpoint yet): restart requested" in text, text
+    assert "has restarted 0 times (DSFLEET_MAX_REQUEUES=0): not requeueing" in text, text
+    assert "dsfleet-fake: task" not in text and "exits 0" not in text, text  # no rank, and the prepare never finished
 
 
 def test_every_site_option_passes_test_only(slurm_cluster, tmp_path):  # noqa: F811
