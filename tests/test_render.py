@@ -320,6 +320,35 @@ def test_pod_launcher_ends_a_rank_that_stopped_beating(tmp_path, stop_group):
     assert "invalid option" not in out, out  # the loop never asked bash 4.2's wait for an option
 
 
+@pytest.mark.parametrize("flags, why", [
+    (("--from_scratch", "--dataset_name", "embedded", "--max_steps", "5"), None),
+    (("--synthetic_data", "--max_steps", "5"), "--synthetic_data"),
+    (("--from_scratch", "--train_file", "big.txt", "--streaming", "--max_steps", "5"), "--streaming"),
+])
+def test_the_prepare_step_is_rendered_only_where_there_is_a_corpus_to_tokenize(flags, why):
+    """A dataset: Slurm's one prepare task and pod 0's prepare, the cache on the shared root / the PVC. Synthetic
+    batches or a stream: no prepare step (a stream is tokenized as it trains), and the header says so."""
+    launch = render.Launch("gpt2_tiny", "gpt2_tiny", 2, 2, flags, targets=("slurm", "k8s"), cpu=True)
+    files = render.render(launch, launch.targets)
+    sbatch, job = files["slurm/gpt2_tiny.sbatch"], files["k8s/gpt2_tiny.yaml"]
+    (cm,) = [d for d in yaml.safe_load_all(job) if d and d["kind"] == "ConfigMap"]
+    launcher = cm["data"]["launch.sh"]
+    assert 'export DSFLEET_CACHE_DIR="${DSFLEET_CACHE_DIR:-$DSFLEET_OUTPUT_ROOT/token-cache}"' in sbatch
+    (pod,) = [d for d in yaml.safe_load_all(job) if d and d["kind"] == "Job"]
+    env = {e["name"]: e for e in pod["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DSFLEET_CACHE_DIR"]["value"] == "/checkpoints/token-cache"  # on the PVC
+    if why is None:
+        assert re.search(r"srun --ntasks=1 --nodes=1 .*\n.* -m dsfleet\.cli prepare --world-size "
+                         r'"\$\(\(SLURM_JOB_NUM_NODES \* 2\)\)"', sbatch), sbatch
+        assert sbatch.index("-m dsfleet.cli prepare") < sbatch.index('-m dsfleet.train "${train_args[@]}"')
+        assert launcher.index("-m dsfleet.cli prepare") < launcher.index('-m dsfleet.train "$@"')
+        assert "batch.kubernetes.io/controller-uid" in env["DSFLEET_JOB_UID"]["valueFrom"]["fieldRef"]["fieldPath"]
+    else:
+        assert "dsfleet.cli prepare" not in sbatch and "dsfleet.cli prepare" not in launcher
+        assert "DSFLEET_JOB_UID" not in env
+        assert re.search(rf"#   token cache +none: {why}", sbatch) and re.search(rf"#   token cache +none: {why}", job)
+
+
 RANK_ARGS = "args -m dsfleet.train --preset t5_3b --output_dir /checkpoints/run --resume_from_checkpoint auto"
 
 

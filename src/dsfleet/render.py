@@ -467,7 +467,7 @@ def resolve(launch: Launch) -> SimpleNamespace:
         hosts=launch.hosts or tuple(f"node-{i}" for i in range(launch.nodes)),
         train_words=words, train_lines=_group(words), k8s_args=k8s_words,
         k8s_output_dir=f"{RUNS_MOUNT}/{job_name}", k8s_cache_dir=f"{RUNS_MOUNT}/{TOKEN_CACHE}",
-        prepare=not run.spec.synthetic_data,  # the data is tokenized once, before the ranks start
+        prepare=not (run.spec.synthetic_data or run.spec.streaming),  # tokenized once, before the ranks start
         ds_config_json=json.dumps(dsconfig.with_spec_autos(run.ds_config), indent=2),
         **_site_inputs(launch, run, source),
     )
@@ -509,7 +509,8 @@ def _site_inputs(launch: Launch, run, source) -> dict:
         ("--hf-offline", "on: only the cache, no downloads" if launch.hf_offline else "off: ranks may download"),
         ("--max-requeues", f"{launch.max_requeues} restarts"),
         ("token cache", f"$DSFLEET_OUTPUT_ROOT/{TOKEN_CACHE} (DSFLEET_CACHE_DIR overrides it), prepared by one task "
-         "before the ranks" if not spec.synthetic_data else "none: --synthetic_data"),
+         "before the ranks" if not (spec.synthetic_data or spec.streaming) else
+         f"none: {'--synthetic_data' if spec.synthetic_data else '--streaming tokenizes as it trains'}"),
         ("checkpoints", save),
         ("timeouts", watch),
     ]
@@ -526,7 +527,8 @@ def _site_inputs(launch: Launch, run, source) -> dict:
         ("--shm", f"{shm} memory-backed /dev/shm, inside the memory limit {memory} ({process_gib}Gi + {shm})"),
         ("--secret", launch.secret or f"{unset} no credentials reach the ranks"),
         ("token cache", f"{RUNS_MOUNT}/{TOKEN_CACHE} on the PVC, prepared by pod 0 before any rank starts" if not
-         spec.synthetic_data else "none: --synthetic_data"),
+         (spec.synthetic_data or spec.streaming) else
+         f"none: {'--synthetic_data' if spec.synthetic_data else '--streaming tokenizes as it trains'}"),
         ("checkpoints", save),
         ("timeouts", watch),
     ]

@@ -25,7 +25,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
-from dsfleet import data
 from dsfleet.cli import fail
 
 ENCODE_BATCH = 256  # texts of a rank's share tokenized per tokenizer call
@@ -46,6 +45,7 @@ def check(spec) -> None:
 
 def open_stream(spec):
     """The training split as a `datasets` IterableDataset (nothing downloaded or read ahead)."""
+    from dsfleet import data
     import datasets
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
@@ -234,7 +234,8 @@ class StreamOrder:
 def prepare_for_run(spec, source, out: Path, denv):
     """(tokenizer, {"train": StreamRows}): every rank's share checked to fill a block (the spec's own checks,
     `check`, ran when it was parsed)."""
-    if (spec.task or ("translation" if source.seq2seq else "causal_lm")) == "translation" or source.seq2seq:
+    from dsfleet import data
+    if source.seq2seq or spec.task == "translation":
         fail("--streaming packs causal-LM text; translation pairs are not streamed yet — drop --streaming (the "
              "token cache tokenizes the pairs once, memory-mapped)")
     data.check_block_size(spec, source.max_positions)
