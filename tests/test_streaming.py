@@ -2,11 +2,12 @@
 tokenized and packed on the fly, the stream position in the checkpoint. One real 2-rank CPU run on a local text
 file, checked many ways: the loss falls, the ranks read disjoint blocks, no token cache is made, the checkpoint
 holds both ranks' positions; then a requeue from its mid-run checkpoint reads exactly the blocks the uninterrupted
-run read after that step (the same ids, in the same order) and its losses equal the uninterrupted run's."""
+run read after that step (the same ids, in the same order) and its losses equal the uninterrupted run's; a resume
+on one rank is refused in one line, before the checkpoint is touched."""
 import json
 import shutil
 
-from tests.launch import cpu_env, deepspeed_train, explain, losses
+from tests.launch import cpu_env, deepspeed_train, explain, losses, python_train
 from tests.test_token_cache import write_corpus
 
 STEPS, SAVE = 40, 20
@@ -57,3 +58,12 @@ def test_two_ranks_stream_train_and_a_requeue_continues_at_the_saved_position(tm
     resumed = losses(out)
     off = {s: (resumed[s], curve[s]) for s in range(SAVE + 1, STEPS + 1) if abs(resumed[s] - curve[s]) > 1e-4 * curve[s]}
     assert not off, off
+
+    # on another world size each rank's share is another: one line, exit 2, and the checkpoint is not touched (no
+    # re-cut for 1 rank)
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    one = python_train([*args, "--resume_from_checkpoint", "auto"])
+    assert one.returncode == 2, explain(one)
+    assert f"checkpoints/step_{STEPS} holds the stream positions of 2 ranks, not 1 — resume it on 2 ranks" \
+        in one.stderr, explain(one)
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before

@@ -216,19 +216,37 @@ class StreamOrder:
         return {"streaming": True, "world_size": self.rows.world, "ranks": everyone, "epoch": mine["pass"]}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        if not state.get("streaming"):
-            fail("this checkpoint was saved by a run without --streaming (its position is a sample offset, not a "
-                 "stream position) — resume it without --streaming, or start a new --output_dir")
-        if int(state["world_size"]) != self.rows.world:
-            fail(f"this --streaming checkpoint holds the stream positions of {state['world_size']} ranks, not "
-                 f"{self.rows.world} — resume it on {state['world_size']} ranks (each rank's share of the stream "
-                 "depends on the world size)")
+        check_position(state, self.rows.world)
         self.rows.seek(state["ranks"][self.rows.rank])
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:
             start = self.rows.read
             yield list(range(start, start + self.micro))
+
+
+def check_position(state: dict[str, Any], world: int, where: str = "this checkpoint") -> None:
+    """A checkpoint's data position that a stream of `world` ranks can continue from, or one line."""
+    if not state.get("streaming"):
+        fail(f"{where} was saved by a run without --streaming (its position is a sample offset, not a stream "
+             "position) — resume it without --streaming, or start a new --output_dir")
+    if int(state["world_size"]) != world:
+        fail(f"{where} holds the stream positions of {state['world_size']} ranks, not {world} — resume it on "
+             f"{state['world_size']} ranks (each rank's share of the stream depends on the world size)")
+
+
+def check_resume(spec, out: Path, world: int) -> None:
+    """Before anything is written or converted (a checkpoint of another world size would be re-cut for this one
+    first): the checkpoint to resume holds stream positions for this many ranks."""
+    import json
+    from dsfleet import checkpoint
+    if not spec.resume_from_checkpoint:
+        return
+    tag_dir = checkpoint.find(spec.resume_from_checkpoint, out)
+    if tag_dir is not None:
+        state = json.loads((tag_dir / checkpoint.STATE_FILE).read_text())
+        check_position(state.get("data", {}), world, f"checkpoint {tag_dir}")
+
 
 
 def prepare_for_run(spec, source, out: Path, denv):
@@ -239,6 +257,7 @@ def prepare_for_run(spec, source, out: Path, denv):
         fail("--streaming packs causal-LM text; translation pairs are not streamed yet — drop --streaming (the "
              "token cache tokenizes the pairs once, memory-mapped)")
     data.check_block_size(spec, source.max_positions)
+    check_resume(spec, out, denv.world_size)
     name = spec.tokenizer_name or data.model_dir_tokenizer(spec)
     if not name and (out / "tokenizer" / "tokenizer.json").is_file():
         name = str(out / "tokenizer")  # a resumed run: the tokenizer its run dir holds
