@@ -314,6 +314,18 @@ CASES = [
     Case("prepare-block-size-over-data", "dataset", ("prepare", "--", *GPT_DATA, "--train_file", "train.txt",
                                                      "--block_size", "200"),
          "shorter than one block of --block_size 200", files={"train.txt": "hello there\nanother short line\n"}),
+    # ---- streaming (issue 22): what a stream cannot serve is refused before anything is read or written ---------
+    Case("streaming-with-synthetic-data", "cli", ("train", "--preset", "gpt2_tiny", "--synthetic_data", "--streaming",
+                                                  "--max_steps", "2"),
+         "--streaming reads a dataset, --synthetic_data makes batches without one"),
+    Case("streaming-by-epochs", "cli", ("train", "--preset", "gpt2_tiny", "--from_scratch", "--train_file", "train.txt",
+                                        "--streaming"),
+         "--streaming needs --max_steps", files={"train.txt": "hello there\n"}),
+    Case("streaming-with-do-eval", "cli", ("train", *GPT_DATA, "--train_file", "train.txt", "--streaming", "--do_eval"),
+         "--do_eval needs a split of known size", files={"train.txt": "hello there\n"}),
+    Case("streaming-translation", "dataset", ("train", *TINY, "--streaming"), "translation pairs are not streamed"),
+    Case("streaming-without-a-tokenizer", "dataset", ("train", *GPT_DATA, "--train_file", "train.txt", "--streaming"),
+         "--streaming needs a tokenizer to load", files={"train.txt": "hello there\n"}),
 ]
 
 

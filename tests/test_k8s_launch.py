@@ -23,6 +23,9 @@ timeout (10 s here) with one line naming rank 1, pod 1's launcher ends its rank 
 DSFLEET_HEARTBEAT_TIMEOUT and exits 75: both pods end with the code the podFailurePolicy ignores, no pod is left
 hanging, and the replacements (every index) resume from latest.
 
+Data: pod 0's launcher prepares the data (`dsfleet prepare`) into /checkpoints/token-cache before its ranks start
+and marks it done for this Job's uid; pod 1 waits for that marker; the ranks of both pods reuse the entry.
+
 Preemption: an evicted pod gets SIGTERM on its PID 1 (the launcher), which forwards it to its ranks; all ranks agree
 at the next step, save a checkpoint and exit 75, which the Job's podFailurePolicy ignores (no backoff count) and
 replaces the pod; the replacements resume from /checkpoints/<job>/checkpoints/latest and finish.
@@ -53,6 +56,8 @@ TINY_FLAGS = ["--from_scratch", "--dataset_name", "embedded", "--max_steps", str
               "--per_device_train_batch_size", "16", "--logging_steps", "1", "--save_steps", str(SAVE_STEPS),
               "--zero", "2", "--no_progress", "--heartbeat_timeout", "10"]
 INDEX_ANNOTATION = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+UID_LABEL = "metadata.labels['batch.kubernetes.io/controller-uid']"  # the Job controller labels its pods with it
+JOB_UID = "0f6c1f2e-5d0b-4c1e-9a57-3b1f0c2d4e6f"  # the uid the Job object would have
 IMAGE_ENV = {  # what the image's ENV and user would give the container
     "PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": os.environ.get("HOME", "/root"),
@@ -120,8 +125,8 @@ def pod_env(container: dict, index: int, hostname: str) -> dict[str, str]:
             defined[item["name"]] = expand(item["value"], defined)
             continue
         path = item["valueFrom"]["fieldRef"]["fieldPath"]
-        assert path == INDEX_ANNOTATION, f"this test resolves only the completion-index annotation, not {path}"
-        defined[item["name"]] = str(index)
+        assert path in (INDEX_ANNOTATION, UID_LABEL), f"this test resolves the completion index and Job uid, not {path}"
+        defined[item["name"]] = str(index) if path == INDEX_ANNOTATION else JOB_UID
     return {**IMAGE_ENV, "HOSTNAME": hostname, **defined}
 
 
@@ -252,6 +257,16 @@ def test_pods_train_and_an_evicted_pod_resumes(job):
     logs = "\n".join(p.tail() for p in pods)
     assert codes == [75, 75], f"exit codes {codes}\n{logs}"  # checkpoint saved by every rank, then 75
     assert "2 rank(s) via env" in pods[0].log.read_text(), logs
+    # the data: pod 0 prepared it into the PVC's token cache before any rank started; pod 1 waited for its marker;
+    # the ranks reused the entry
+    log0, log1 = pods[0].log.read_text(), pods[1].log.read_text()
+    m = re.search(r"dsfleet prepare: token cache built: (/checkpoints/token-cache/tokens/\S+) — train ([\d,]+) rows",
+                  log0)
+    assert m, logs
+    reused = f"dsfleet: token cache reused: {m.group(1)} — train {m.group(2)} rows"
+    assert log0.index(m.group(0)) < log0.index(reused) < log0.index("2 rank(s) via env"), logs
+    assert "dsfleet: waiting for pod 0 to prepare the data" in log1 and "token cache built" not in log1, logs
+    assert (pvc / "token-cache" / f".prepared-{j['metadata']['name']}-{JOB_UID}").is_file()
     assert re.search(r"preempted \(.*\) — checkpoint step (\d+) saved", pods[0].log.read_text()), logs
     saved = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     assert SAVE_STEPS < saved < MAX_STEPS, saved
@@ -265,6 +280,7 @@ def test_pods_train_and_an_evicted_pod_resumes(job):
     assert codes == [0, 0], f"exit codes {codes}\n{logs}"
     assert f"resumed from /checkpoints/{j['metadata']['name']}/checkpoints/step_{saved} at step {saved}" \
         in pods[0].log.read_text(), logs
+    assert pods[0].log.read_text().count("dsfleet prepare: token cache reused") == 1, logs  # the replacement's prepare
     loss = losses(run_dir)
     assert sorted(loss) == list(range(1, MAX_STEPS + 1)), sorted(loss)  # every step logged once, across the restart
     first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(MAX_STEPS - 4, MAX_STEPS + 1)) / 5

@@ -222,6 +222,9 @@ FAKE_TRAIN = """#!/bin/bash
 # stands in for `python -m dsfleet.train`: logs its rank and args, exits 75 on TERM/USR1 (checkpoint saved)
 trap 'echo "rank $RANK got TERM" >> "$LOG"; exit 75' TERM
 trap 'echo "rank $RANK got USR1" >> "$LOG"; exit 75' USR1
+if [ "$2" = dsfleet.cli ]; then  # pod 0's `python -m dsfleet.cli prepare ...`: FAKE_PREPARE_CODE after a second
+  echo "prepare args $*" >> "$LOG"; sleep 1; exit "${FAKE_PREPARE_CODE:-0}"
+fi
 if [ "$FAKE_MODE" = crash ] && [ "$LOCAL_RANK" = 1 ]; then sleep 1; exit 3; fi
 if [ "$FAKE_MODE" = stop ] && [ "$LOCAL_RANK" = 1 ]; then touch "$DSFLEET_HEARTBEAT_DIR/pid-$$"; kill -STOP $$; fi
 echo "rank $RANK local $LOCAL_RANK world $WORLD_SIZE args $*" >> "$LOG"
@@ -240,9 +243,10 @@ OLD_BASH_WAIT = """wait() {
 """
 
 
-def _launcher(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, Path]:
-    """The pod launcher of the committed t5_3b Job (pod index 1 of a 2-rank-per-pod world), with a fake trainer,
-    run with bash 4.2's `wait` (OLD_BASH_WAIT)."""
+def _launcher(tmp_path: Path, mode: str, index: int = 1, prepared: bool = True,
+              **env_extra: str) -> tuple[subprocess.Popen, Path]:
+    """The pod launcher of the committed t5_3b Job (pod `index` of a 2-rank-per-pod world), with a fake trainer,
+    run with bash 4.2's `wait` (OLD_BASH_WAIT). `prepared`: pod 0's "data prepared" marker is there already."""
     (cm,) = [d for d in yaml.safe_load_all((REPO / "k8s" / "t5_3b.yaml").read_text()) if d and d["kind"] == "ConfigMap"]
     (tmp_path / "launch.sh").write_text(cm["data"]["launch.sh"])
     (tmp_path / "bin").mkdir()
@@ -250,10 +254,15 @@ def _launcher(tmp_path: Path, mode: str) -> tuple[subprocess.Popen, Path]:
     (tmp_path / "bin" / "python").chmod(0o755)
     log = tmp_path / "ranks.log"
     (tmp_path / "old_bash_wait.sh").write_text(OLD_BASH_WAIT)
+    cache = tmp_path / "token-cache"
+    if prepared:
+        cache.mkdir()
+        (cache / ".prepared-run-uid-1").write_text("by pod 0\n")
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", LOG=str(log), FAKE_MODE=mode,
-               JOB_COMPLETION_INDEX="1", NPROC_PER_NODE="2", WORLD_SIZE="4", MASTER_ADDR="pod-0.svc",
+               JOB_COMPLETION_INDEX=str(index), NPROC_PER_NODE="2", WORLD_SIZE="4", MASTER_ADDR="pod-0.svc",
                MASTER_PORT="29500", DSFLEET_OUTPUT_DIR="/checkpoints/run", TMPDIR=str(tmp_path),
-               DSFLEET_HEARTBEAT_TIMEOUT="2", BASH_ENV=str(tmp_path / "old_bash_wait.sh"))
+               DSFLEET_HEARTBEAT_TIMEOUT="2", BASH_ENV=str(tmp_path / "old_bash_wait.sh"),
+               DSFLEET_CACHE_DIR=str(cache), DSFLEET_JOB_UID="uid-1", **env_extra)
     with open(tmp_path / "launcher.out", "w") as out:  # a file, not a pipe: a killed rank's children may hold it
         return subprocess.Popen(["bash", str(tmp_path / "launch.sh"), "--preset", "t5_3b"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True), log
@@ -309,6 +318,89 @@ def test_pod_launcher_ends_a_rank_that_stopped_beating(tmp_path, stop_group):
     assert "has not beaten for over 2s (stopped or hung): killing it" in out, out
     assert "stopped beating: stopping the other ranks" in out, out
     assert "invalid option" not in out, out  # the loop never asked bash 4.2's wait for an option
+
+
+@pytest.mark.parametrize("flags, why", [
+    (("--from_scratch", "--dataset_name", "embedded", "--max_steps", "5"), None),
+    (("--synthetic_data", "--max_steps", "5"), "--synthetic_data"),
+    (("--from_scratch", "--train_file", "big.txt", "--streaming", "--max_steps", "5"), "--streaming"),
+])
+def test_the_prepare_step_is_rendered_only_where_there_is_a_corpus_to_tokenize(flags, why):
+    """A dataset: Slurm's one prepare task and pod 0's prepare, the cache on the shared root / the PVC. Synthetic
+    batches or a stream: no prepare step (a stream is tokenized as it trains), and the header says so."""
+    launch = render.Launch("gpt2_tiny", "gpt2_tiny", 2, 2, flags, targets=("slurm", "k8s"), cpu=True)
+    files = render.render(launch, launch.targets)
+    sbatch, job = files["slurm/gpt2_tiny.sbatch"], files["k8s/gpt2_tiny.yaml"]
+    (cm,) = [d for d in yaml.safe_load_all(job) if d and d["kind"] == "ConfigMap"]
+    launcher = cm["data"]["launch.sh"]
+    assert 'export DSFLEET_CACHE_DIR="${DSFLEET_CACHE_DIR:-$DSFLEET_OUTPUT_ROOT/token-cache}"' in sbatch
+    (pod,) = [d for d in yaml.safe_load_all(job) if d and d["kind"] == "Job"]
+    env = {e["name"]: e for e in pod["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DSFLEET_CACHE_DIR"]["value"] == "/checkpoints/token-cache"  # on the PVC
+    if why is None:
+        assert re.search(r"srun --ntasks=1 --nodes=1 .*\n.* -m dsfleet\.cli prepare --world-size "
+                         r'"\$\(\(SLURM_JOB_NUM_NODES \* 2\)\)"', sbatch), sbatch
+        assert sbatch.index("-m dsfleet.cli prepare") < sbatch.index('-m dsfleet.train "${train_args[@]}"')
+        assert launcher.index("-m dsfleet.cli prepare") < launcher.index('-m dsfleet.train "$@"')
+        assert "batch.kubernetes.io/controller-uid" in env["DSFLEET_JOB_UID"]["valueFrom"]["fieldRef"]["fieldPath"]
+    else:
+        assert "dsfleet.cli prepare" not in sbatch and "dsfleet.cli prepare" not in launcher
+        assert "DSFLEET_JOB_UID" not in env
+        assert re.search(rf"#   token cache +none: {why}", sbatch) and re.search(rf"#   token cache +none: {why}", job)
+
+
+RANK_ARGS = "args -m dsfleet.train --preset t5_3b --output_dir /checkpoints/run --resume_from_checkpoint auto"
+
+
+def _wait_lines(log: Path, n: int, timeout: float = 20) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while len(_lines(log)) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _lines(log)
+
+
+def test_pod_0_prepares_the_data_before_its_ranks_and_marks_it_done(tmp_path, stop_group):
+    proc, log = _launcher(tmp_path, "run", index=0, prepared=False)
+    stop_group(proc)
+    lines = _wait_lines(log, 3)
+    assert lines[0] == "prepare args -m dsfleet.cli prepare --world-size 4 -- --preset t5_3b --output_dir " \
+        "/checkpoints/run", lines  # the run's own flags, before any rank
+    assert sorted(lines[1:3]) == [f"rank {r} local {r} world 4 {RANK_ARGS}" for r in (0, 1)], lines
+    assert (tmp_path / "token-cache" / ".prepared-run-uid-1").is_file()  # the other pods' signal to start
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 75
+
+
+def test_pod_0_ends_with_the_prepare_s_code_and_starts_no_rank(tmp_path, stop_group):
+    proc, log = _launcher(tmp_path, "run", index=0, prepared=False, FAKE_PREPARE_CODE="2")
+    stop_group(proc)
+    assert proc.wait(timeout=20) == 2  # 2: the Job's podFailurePolicy fails the Job (bad input)
+    out = (tmp_path / "launcher.out").read_text()
+    assert "dsfleet: preparing the data failed (exit 2" in out, out
+    assert [line for line in _lines(log) if line.startswith("rank")] == [], _lines(log)
+    assert not (tmp_path / "token-cache" / ".prepared-run-uid-1").exists()
+
+
+def test_other_pods_wait_for_pod_0_s_marker_of_this_job(tmp_path, stop_group):
+    proc, log = _launcher(tmp_path, "run", index=1, prepared=False)
+    stop_group(proc)
+    (tmp_path / "token-cache").mkdir()
+    (tmp_path / "token-cache" / ".prepared-run-uid-0").write_text("an earlier Job's\n")  # a stale marker: not ours
+    time.sleep(4)
+    assert _lines(log) == [] and proc.poll() is None  # no rank yet: still waiting
+    (tmp_path / "token-cache" / ".prepared-run-uid-1").write_text("by pod 0\n")
+    assert sorted(_wait_lines(log, 2)) == [f"rank {r} local {r - 2} world 4 {RANK_ARGS}" for r in (2, 3)]
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=20) == 75
+
+
+def test_a_waiting_pod_exits_75_on_preemption(tmp_path, stop_group):
+    proc, log = _launcher(tmp_path, "run", index=1, prepared=False)
+    stop_group(proc)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 75 and _lines(log) == []
+    assert "TERM while waiting for the data: exiting 75" in (tmp_path / "launcher.out").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ bash 4.2

@@ -7,6 +7,8 @@ which find their ranks from SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID and 
 allocation's nodelist, and train as 2 real DeepSpeed ranks over gloo.
 
 - a plain run ends COMPLETED with metrics and checkpoints in its run dir ($DSFLEET_OUTPUT_ROOT/<job name>-<job id>);
+  its data was prepared by the script's one prepare task into $DSFLEET_OUTPUT_ROOT/token-cache before the ranks
+  started, and the ranks say they reused that entry;
 - preemption, both ways Slurm does it: the USR1 that `--signal=B:USR1@N` sends before the time limit (delivered on
   demand with `scancel --signal=USR1 --batch`), and `scontrol requeue` from outside (TERM to every process). Either
   way the ranks save a checkpoint and exit 75, the job is requeued (by the script itself after USR1), starts again
@@ -115,6 +117,13 @@ def test_tiny_sbatch_runs_to_completed(baseline):
     out = job.ours()
     assert f"dsfleet: job {job.id} restart 0" in out and "2 rank(s) via slurm" in out, out
     assert "invalid option" not in job.text()  # the loop never asked bash 4.2's wait for -n or -p
+    # the data: one task prepared it into the shared cache before the ranks started; the ranks reused that entry
+    cache = job.runs / "token-cache"
+    m = re.search(r"dsfleet prepare: token cache built: (\S+) — train ([\d,]+) rows", out)
+    assert m and Path(m.group(1)).parent == cache / "tokens", out
+    reused = f"dsfleet: token cache reused: {m.group(1)} — train {m.group(2)} rows"
+    assert reused in out and out.index(m.group(0)) < out.index(reused) < out.index("2 rank(s) via slurm"), out
+    assert out.count("token cache built") == 1, out  # no rank built its own
     loss = losses(job.run_dir)
     assert sorted(loss) == list(range(1, MAX_STEPS + 1)), sorted(loss)
     assert sum(loss[s] for s in range(MAX_STEPS - 4, MAX_STEPS + 1)) < 0.5 * sum(loss[s] for s in range(1, 6)), loss
@@ -202,7 +211,13 @@ def test_every_committed_sbatch_passes_test_only(slurm_cluster, script, tmp_path
 # ------------------------------------------------------------------------------------------------ the script's verdicts
 
 FAKE_TRAINER = """#!/bin/bash
-# stands in for the interpreter: `FAKE -m dsfleet.train ARGS` in each srun task; exits with FAKE_CODE
+# stands in for the interpreter: `FAKE -m dsfleet.cli prepare ARGS` in the one prepare task (exits with
+# FAKE_PREPARE_CODE), then `FAKE -m dsfleet.train ARGS` in each srun task (exits with FAKE_CODE)
+if [ "$2" = dsfleet.cli ]; then
+  if [ -n "${FAKE_PREPARE_SLEEP:-}" ]; then echo "dsfleet-fake: preparing"; sleep "$FAKE_PREPARE_SLEEP" & wait $!; fi
+  echo "dsfleet-fake: prepare task $SLURM_PROCID of $SLURM_NTASKS: $3 $4 $5 exits ${FAKE_PREPARE_CODE:-0}"
+  exit "${FAKE_PREPARE_CODE:-0}"
+fi
 echo "dsfleet-fake: task $SLURM_PROCID restart ${SLURM_RESTART_COUNT:-0} exits $FAKE_CODE"
 exit "$FAKE_CODE"
 """
@@ -212,20 +227,51 @@ exit "$FAKE_CODE"
     (0, "COMPLETED", "0:0", None),
     (3, "FAILED", "3:0", None),
     (75, "FAILED", "75:0", "has restarted 0 times (DSFLEET_MAX_REQUEUES=0): not requeueing"),
+    ("prepare 2", "FAILED", "2:0", "dsfleet: preparing the data failed (exit 2: the line above says why)"),
 ])
 def test_the_script_s_verdict_follows_the_trainer(slurm_cluster, script, tmp_path, code, state, exit_code, words):  # noqa: F811
-    """Never exit 0 without training: the batch script's own exit is the trainer's, under bash 4.2's wait."""
+    """Never exit 0 without training: the batch script's own exit is the trainer's (or the data preparation's, which
+    runs first, in one task), under bash 4.2's wait."""
     fake = tmp_path / "fake-python"
     fake.write_text(FAKE_TRAINER)
     fake.chmod(0o755)
-    job = Job(slurm_cluster, script, tmp_path, python=str(fake), FAKE_CODE=str(code), DSFLEET_MAX_REQUEUES="0")
+    prepare_code = code.split()[1] if isinstance(code, str) else "0"
+    job = Job(slurm_cluster, script, tmp_path, python=str(fake), FAKE_CODE=str(code), DSFLEET_MAX_REQUEUES="0",
+              FAKE_PREPARE_CODE=prepare_code)
     info = job.wait((state,), timeout=90)
     assert info.get("ExitCode") == exit_code, (info, job.text())
     text = job.text()
-    assert text.count(f"exits {code}") == 2, text  # both tasks ran to their end
+    assert text.count(f"prepare task 0 of 1: prepare --world-size 2 exits {prepare_code}") == 1, text
+    if isinstance(code, str):  # the preparation failed: no training task started
+        assert "dsfleet-fake: task" not in text, text
+        assert text.index("preparing the data into") < text.index("prepare task 0"), text
+    else:
+        assert text.count(f"exits {code}") == 2 + (code == 0), text  # both tasks ran to their end (+ prepare's 0)
+        assert text.index("prepare task 0") < text.index("dsfleet-fake: task"), text  # prepared before the ranks
     assert "invalid option" not in text, text
     if words:
         assert words in text, text
+
+
+def test_a_signal_while_preparing_takes_the_requeue_path(slurm_cluster, script, tmp_path):  # noqa: F811
+    """USR1 (the time-limit warning) during the data preparation: nothing to checkpoint, so the script stops the
+    prepare task and exits 75, the requeue path (here past the cap: FAILED 75 with the reason); no rank started."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_TRAINER)
+    fake.chmod(0o755)
+    job = Job(slurm_cluster, script, tmp_path, python=str(fake), FAKE_CODE="0", FAKE_PREPARE_SLEEP="60",
+              DSFLEET_MAX_REQUEUES="0")
+    deadline = time.monotonic() + 60
+    while "dsfleet-fake: preparing" not in job.text():
+        assert time.monotonic() < deadline, job.text()
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job.id))
+    info = job.wait(("FAILED",), timeout=90)
+    text = job.text()
+    assert info.get("ExitCode") == "75:0", (info, text)
+    assert "dsfleet: USR1 while preparing the data (no checkpoint yet): restart requested" in text, text
+    assert "has restarted 0 times (DSFLEET_MAX_REQUEUES=0): not requeueing" in text, text
+    assert "dsfleet-fake: task" not in text and "exits 0" not in text, text  # no rank, and the prepare never finished
 
 
 def test_every_site_option_passes_test_only(slurm_cluster, tmp_path):  # noqa: F811

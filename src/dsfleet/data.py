@@ -385,6 +385,14 @@ class ResumableOrder:
             self.epoch, self.offset = self.epoch + 1, 0
 
 
+def batch_order(spec, train, denv):
+    """The run's batch order: a ResumableOrder over the samples, or under --streaming the stream's own order."""
+    if spec.streaming:
+        from dsfleet.streaming import StreamOrder
+        return StreamOrder(train, spec.per_device_train_batch_size)
+    return ResumableOrder(len(train), spec.per_device_train_batch_size, denv.rank, denv.world_size, spec.seed)
+
+
 def planned_steps(spec, order: "ResumableOrder | None") -> int:
     """Optimizer steps of the run: --max_steps, else --num_train_epochs over the batch order (0: no training)."""
     if order is None:

@@ -24,8 +24,9 @@ def run(args) -> int:
     if args.world_size < 1:
         fail(f"--world-size {args.world_size} is not a rank count — pass 1 or more")
     source = resolve_source(spec)
-    if spec.synthetic_data:
-        print("dsfleet prepare: --synthetic_data makes its batches on the fly — nothing to prepare")
+    if spec.synthetic_data or spec.streaming:
+        why = "--synthetic_data makes its batches" if spec.synthetic_data else "--streaming tokenizes its stream"
+        print(f"dsfleet prepare: {why} on the fly — nothing to prepare")
         return 0
     from dsfleet.data import check_block_size
     check_block_size(spec, source.max_positions)

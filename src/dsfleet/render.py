@@ -30,7 +30,8 @@ MAX_PER_NODE = 16  # no node has more GPUs than this
 MAX_NODES = 4096
 DEFAULT_IMAGE = "dsfleet:sm90"  # what `make image CUDA_ARCH=9.0` tags for H100/H200 (docker/build-image.sh)
 IMAGE_UID = 1001  # the image's unprivileged user (docker/Dockerfile USER_UID; 1000 is ubuntu:24.04's own user); pods run as it
-RUNS_MOUNT = "/checkpoints"  # the PVC in Kubernetes pods: run dirs and the HF cache
+RUNS_MOUNT = "/checkpoints"  # the PVC in Kubernetes pods: run dirs, the HF cache and the token cache
+TOKEN_CACHE = "token-cache"  # the token cache's dir under the shared output root (Slurm) or the PVC (Kubernetes)
 CONFIG_MOUNT = "/etc/dsfleet"  # the ConfigMap: ds_config.json and the pod launcher
 DEFAULT_PORT = 29500
 DEFAULT_MAX_REQUEUES = 10  # Slurm restarts (SLURM_RESTART_COUNT) after which an exit 75 no longer requeues
@@ -465,7 +466,8 @@ def resolve(launch: Launch) -> SimpleNamespace:
         storage=launch.storage or ("1Gi" if launch.cpu else "500Gi"), backoff_limit=3 * launch.nodes,
         hosts=launch.hosts or tuple(f"node-{i}" for i in range(launch.nodes)),
         train_words=words, train_lines=_group(words), k8s_args=k8s_words,
-        k8s_output_dir=f"{RUNS_MOUNT}/{job_name}",
+        k8s_output_dir=f"{RUNS_MOUNT}/{job_name}", k8s_cache_dir=f"{RUNS_MOUNT}/{TOKEN_CACHE}",
+        prepare=not (run.spec.synthetic_data or run.spec.streaming),  # tokenized once, before the ranks start
         ds_config_json=json.dumps(dsconfig.with_spec_autos(run.ds_config), indent=2),
         **_site_inputs(launch, run, source),
     )
@@ -506,6 +508,9 @@ def _site_inputs(launch: Launch, run, source) -> dict:
         ("--hf-home", hf_home + " (one download for every rank)"),
         ("--hf-offline", "on: only the cache, no downloads" if launch.hf_offline else "off: ranks may download"),
         ("--max-requeues", f"{launch.max_requeues} restarts"),
+        ("token cache", f"$DSFLEET_OUTPUT_ROOT/{TOKEN_CACHE} (DSFLEET_CACHE_DIR overrides it), prepared by one task "
+         "before the ranks" if not (spec.synthetic_data or spec.streaming) else
+         f"none: {'--synthetic_data' if spec.synthetic_data else '--streaming tokenizes as it trains'}"),
         ("checkpoints", save),
         ("timeouts", watch),
     ]
@@ -521,13 +526,16 @@ def _site_inputs(launch: Launch, run, source) -> dict:
         ("--priority-class", launch.priority_class or f"{unset} the cluster's default priority"),
         ("--shm", f"{shm} memory-backed /dev/shm, inside the memory limit {memory} ({process_gib}Gi + {shm})"),
         ("--secret", launch.secret or f"{unset} no credentials reach the ranks"),
+        ("token cache", f"{RUNS_MOUNT}/{TOKEN_CACHE} on the PVC, prepared by pod 0 before any rank starts" if not
+         (spec.synthetic_data or spec.streaming) else
+         f"none: {'--synthetic_data' if spec.synthetic_data else '--streaming tokenizes as it trains'}"),
         ("checkpoints", save),
         ("timeouts", watch),
     ]
     return dict(
         account=launch.account, qos=launch.qos, mem=launch.mem, exclusive=launch.exclusive,
         constraint=launch.constraint, setup=launch.setup, output_root=output_root, hf_home=hf_home,
-        hf_offline=launch.hf_offline, max_requeues=launch.max_requeues, srun_wait=SRUN_WAIT,
+        hf_offline=launch.hf_offline, max_requeues=launch.max_requeues, srun_wait=SRUN_WAIT, token_cache=TOKEN_CACHE,
         heartbeat_timeout=spec.heartbeat_timeout,
         image_pull_secrets=launch.image_pull_secrets, storage_class=launch.storage_class, access_mode=access,
         tolerations=[_toleration(t) for t in tolerations],

@@ -66,6 +66,10 @@ class RunSpec(BaseModel):
                                   "lengths match (`dsfleet prepare` fills it ahead of a job); unset: "
                                   "$DSFLEET_CACHE_DIR, else ~/.cache/dsfleet. On a dir all nodes see, rank 0 "
                                   "prepares for the job; else the first rank of each node")
+    streaming: bool = Field(False, description="read the training data as a stream (datasets' streaming=True: "
+                            "bigger than the disk), each rank its own share, tokenized and packed on the fly; the "
+                            "stream position is in the checkpoint (an exact resume on the same world size). Needs "
+                            "--max_steps and a tokenizer to load; causal LM only")
     preprocessing_num_workers: int | None = Field(None, gt=0, description="processes that tokenize the corpus into "
                                                   "the token cache; unset: every core")
     # what to do
@@ -201,6 +205,9 @@ class RunSpec(BaseModel):
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"--max_steps {self.max_steps} is not a step count — pass a positive number of optimizer "
                              "steps, or -1 (the default) to train --num_train_epochs")
+        if self.streaming:
+            from dsfleet.streaming import check
+            check(self)
         return self
 
     @property

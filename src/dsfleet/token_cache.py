@@ -657,6 +657,9 @@ def prepare_for_run(spec, source, out: Path, denv):
     check of the data happens here or in the build, before the run dir is written."""
     if spec.synthetic_data:
         return data.prepare(spec, source, None, out, denv.rank)
+    if spec.streaming:  # bigger than the disk: no cache, each rank tokenizes its share of the stream as it trains
+        from dsfleet import streaming
+        return streaming.prepare_for_run(spec, source, out, denv)
     data.check_block_size(spec, source.max_positions)
     is_main = denv.rank == 0
 

@@ -51,8 +51,7 @@ def train(spec) -> int:
     import torch
     import torch.distributed as dist
     tokenizer, splits = token_cache.prepare_for_run(spec, source, out, denv)  # tokenized once per job, memory-mapped
-    order = data.ResumableOrder(len(splits["train"]), spec.per_device_train_batch_size, denv.rank,
-                                denv.world_size, spec.seed) if spec.do_train else None
+    order = data.batch_order(spec, splits["train"], denv) if spec.do_train else None
     total_steps = data.planned_steps(spec, order)
     run = resolve(spec, source, Hardware.live(denv.world_size, accel, spec.gpu_mem_bytes), total_steps)
     spec, ds_config, zero_stage = run.spec, run.ds_config, run.zero_stage
