@@ -20,4 +20,5 @@ if command -v nvidia-smi >/dev/null; then
   _telemetry=$!
   trap 'kill "$_telemetry" 2>/dev/null' EXIT
 fi
+python3 -c 'import dsfleet; print("bench: dsfleet from", dsfleet.__file__)'
 python3 -m dsfleet.cli bench --out "$OUT" "$@"
