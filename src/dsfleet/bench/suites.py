@@ -366,7 +366,10 @@ class Bench:
     def check_peak(self, suite: str, result: Result, w: Workload, zero_stage: int) -> None:
         """A dsfleet row's measured peak (max_memory_allocated) against the planner's prediction for the same
         config; on CPU ranks the measured figure is the process's RSS, so the prediction is shown, not checked."""
-        peak, phase = self.predicted_peak(w, zero_stage)
+        try:
+            peak, phase = self.predicted_peak(w, zero_stage)
+        except Exception as e:  # the planner failing on a model is a finding of the bench, not its end
+            peak, phase = None, f"the planner failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         result.planned_peak_gib = peak / 2**30 if peak else None
         self.report.write()
         if peak is None:
