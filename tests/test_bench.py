@@ -489,7 +489,7 @@ def test_any_model_suites_orchestration(tmp_path, monkeypatch):
         assert c["pass"] is (name != "dsfleet_zero2"), c
     runs = {(r["suite"], r["name"]): r for r in doc["results"]}
     assert runs[("llama", "dsfleet_best")]["planned_peak_gib"] == pytest.approx(planned["dsfleet_best"] / 2**30)
-    assert 100 < planned["dsfleet_best"] / 2**30 < 140 and planned["dsfleet_best"] > planned["dsfleet_fast"]
+    assert 80 < planned["dsfleet_best"] / 2**30 < 140 and planned["dsfleet_best"] > planned["dsfleet_fast"]
     md = (out / "results.md").read_text()
     assert "within ±10.0%" in md and "| planned peak GiB |" in md and "FAIL" in md
     assert any("dsfleet plan --config_name" in n for n in doc["notes"])
