@@ -4,6 +4,8 @@
 # source, and writes results.json, results.md and per-run logs to $OUT. Arguments pass through to `dsfleet bench`:
 #   bash scripts/bench.sh                               # --suite all: gpt2_xl, t5_3b, scaling (1 GPU here)
 #   bash scripts/bench.sh --suite scaling --gpus 2      # GPT-2 XL on 1 and 2 GPUs
+#   bash scripts/bench.sh --suite any_model --timeout 200   # issue 18: Llama 1.2B from config vs HF Trainer +
+#                                                       # ZeRO-2, BART-large's peak vs the planner (~8 min, one H200)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/runs/bench}
@@ -18,4 +20,5 @@ if command -v nvidia-smi >/dev/null; then
   _telemetry=$!
   trap 'kill "$_telemetry" 2>/dev/null' EXIT
 fi
+python3 -c 'import dsfleet; print("bench: dsfleet from", dsfleet.__file__)'
 python3 -m dsfleet.cli bench --out "$OUT" "$@"

@@ -365,3 +365,31 @@ def test_preflight_checks_the_model_dir_on_every_host(model_dirs):
     bad = parser.parse_args(["--hostfile", "h", "--model_name_or_path", "./nowhere"])
     with pytest.raises(UsageError, match="no such directory"):
         preflight.options(bad)
+
+
+def test_fake_trace_takes_the_usual_branch_of_a_value_test():
+    """A model branching on a tensor's value in forward (transformers 5.17's BART: `if torch.rand([]) < layerdrop`,
+    which stopped the planner on the H200 image) is traced: the branch reads False under FakeTensorMode (the layer
+    runs), while a real tensor's branch keeps its value."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from dsfleet.planner.measured import LiveBytes, training_step_bytes
+
+    class Skippy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+            self.ran = []
+
+        def forward(self, x):
+            ran = not bool(torch.ones([]) < 0.5)  # a value test: False -> the layer runs
+            self.ran.append(ran)
+            y = self.lin(x) if ran else x
+            return type("Out", (), {"loss": y.square().mean()})()
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = Skippy()
+        saved, _, peak = training_step_bytes(model, {"x": torch.randn(4, 8)})
+    assert model.ran == [True] and saved > 0 and peak >= saved
+    real = Skippy()
+    with LiveBytes(exclude=list(real.parameters())):
+        assert bool(torch.zeros([]) < 0.5) is True  # real values untouched inside the tracker

@@ -411,3 +411,110 @@ def test_gap_report_finds_the_host_bound_stretch():
     assert "4.00  zero.py(1): slow_check" in functions and "forward" not in functions
     assert "1.00  aten::amax" in text
     assert "1.00  dsfleet.step" in text and "(the loop: data, logging): 3.0 ms" in text
+
+
+def test_any_model_suites_orchestration(tmp_path, monkeypatch):
+    """`--suite any_model` on a (pretend) H200 with stand-in launches: the Llama and BART configs are written and
+    named by `--config_name` on both sides, the peer runs the shipped JSON and the one-rank-tuned one, the ratio is
+    taken against the faster peer, the `best` row runs at the real planner's micro-batch for the real 1.2B config
+    on this card, and every dsfleet row's peak is checked against the planner's prediction (within 10 %)."""
+    from dsfleet.bench.suites import BART_LARGE, LLAMA_1B
+    monkeypatch.setattr(bench.suites, "gpu_names", lambda: ["NVIDIA H200"])
+    monkeypatch.setattr(bench.suites, "gpu_query", lambda *f: [["143771"]] if f == ("memory.total",) else None)
+    monkeypatch.setattr(bench.Bench, "prebuild", lambda self, builder, wait: None)
+    launched = []
+    planned = {}  # run name -> the planner's peak the stand-in 'measures' (off by a known factor)
+    off_by = {"dsfleet_fast": 0.95, "dsfleet_best": 1.05, "dsfleet_no_compile": 1.0, "dsfleet_zero2": 0.8}
+
+    def fake_launch(self, result, cmd, env, done, first, kill_when_done):
+        arg = dict(zip(cmd, cmd[1:]))
+        launched.append((result.name, cmd))
+        result.log = str(tmp_path / f"{result.suite}_{result.name}.log")
+        tps = {"hf_trainer_zero2": 10e3, "hf_trainer_zero2_tuned": 12e3}.get(result.name, 24e3)
+        if arg["--module"] == "dsfleet.hf_baseline":
+            out = {"zero_stage": 2, "tokens_per_s": tps, "tflops_per_gpu": 100.0, "mfu": 0.1, "peak_mem_bytes": 2**36,
+                   "losses": {"1": 10.0}, "attn_implementation": "sdpa", "step_ms": [700.0] * 15}
+            open(arg["--result"], "w").write(json.dumps(out))
+            return True
+        mb = int(arg["--per_device_train_batch_size"])
+        seq2seq = "--max_source_length" in arg
+        w = bench.Workload(None, mb, block_size=int(arg.get("--block_size", 1024)), source=512, target=512,
+                           config_name=arg["--config_name"], encoder_decoder=seq2seq)
+        peak, _ = self.predicted_peak(w, 2)
+        planned[result.name] = peak
+        open(result.log, "w").write("dsfleet: x (1.2B params), 1 rank(s) via deepspeed, ZeRO-2, bf16, ...\n")
+        run_dir = Path(arg["--output_dir"])
+        run_dir.mkdir(parents=True)
+        rows = [{"step": s, "loss": 10.0, "tokens_per_s": tps, "tflops": 300.0, "peak_mem_bytes": peak / off_by[result.name]}
+                for s in range(1, int(arg["--max_steps"]) + 1)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return True
+
+    monkeypatch.setattr(bench.Bench, "launch", fake_launch)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(["--suite", "any_model", "--out", str(out), "--work", str(tmp_path / "work")])
+    assert bench.run(args) == 0, (out / "results.md").read_text()  # every run ran (checks are the report's)
+    names = [n for n, _ in launched]
+    assert names == ["hf_trainer_zero2", "hf_trainer_zero2_tuned", "dsfleet_fast", "dsfleet_best", "dsfleet_no_compile",
+                     "dsfleet_zero2"]
+    cmds = {n: " ".join(c) for n, c in launched}
+    llama_dir, bart_dir = out / "configs" / "llama", out / "configs" / "bart_large"
+    for name in names[:-1]:
+        assert f"--config_name {llama_dir}" in cmds[name] and "--preset" not in cmds[name]
+    assert f"--config_name {bart_dir}" in cmds["dsfleet_zero2"]
+    assert "--max_source_length 512 --max_target_length 512" in cmds["dsfleet_zero2"]
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    assert {k: cfg[k] for k in LLAMA_1B} == LLAMA_1B
+    assert json.loads((bart_dir / "config.json").read_text())["d_model"] == BART_LARGE["d_model"]
+    assert "--per_device_train_batch_size 8 --block_size 2048" in cmds["dsfleet_fast"] and "--from_scratch" in cmds["dsfleet_fast"]
+    assert "--micro_batch 8 --block_size 2048" in cmds["hf_trainer_zero2"] and "--bf16" in cmds["hf_trainer_zero2"]
+    assert "--zero 2 --compile true" in cmds["dsfleet_fast"] and "--zero 2 --compile false" in cmds["dsfleet_no_compile"]
+    assert "--zero auto --compile true" in cmds["dsfleet_best"]
+    assert "--per_device_train_batch_size 16 " in cmds["dsfleet_best"]  # the planner's best for 1.2B on 140 GiB
+    assert "--zero 2 --compile false" in cmds["dsfleet_zero2"]
+    tuned = json.loads((out / "ds_configs" / "hf_zero2_one_rank.json").read_text())["zero_optimization"]
+    assert tuned["overlap_comm"] is False and tuned["reduce_scatter"] is False and "offload_optimizer" not in tuned
+    shipped = json.loads((out / "ds_configs" / "hf_zero2.json").read_text())["zero_optimization"]
+    assert shipped["overlap_comm"] is True
+    doc = json.loads((out / "results.json").read_text())
+    checks = checks_of(doc)
+    ratio = checks["dsfleet fast / HF Trainer tokens/s (the faster HF row: hf_trainer_zero2_tuned)"]
+    assert ratio["value"] == pytest.approx(2.0) and ratio["target"] == 1.8 and ratio["pass"] is True
+    peaks = {c["what"].split(", ")[1].split(" ")[0]: c for c in doc["checks"] if c["what"].startswith("planner's peak")}
+    assert set(peaks) == {"dsfleet_fast", "dsfleet_best", "dsfleet_no_compile", "dsfleet_zero2"}
+    for name, c in peaks.items():
+        assert c["value"] == pytest.approx(off_by[name] - 1, abs=1e-6) and c["target"] == 0.10
+        assert c["pass"] is (name != "dsfleet_zero2"), c
+    runs = {(r["suite"], r["name"]): r for r in doc["results"]}
+    assert runs[("llama", "dsfleet_best")]["planned_peak_gib"] == pytest.approx(planned["dsfleet_best"] / 2**30)
+    assert 80 < planned["dsfleet_best"] / 2**30 < 140 and planned["dsfleet_best"] > planned["dsfleet_fast"]
+    md = (out / "results.md").read_text()
+    assert "within ±10.0%" in md and "| planned peak GiB |" in md and "FAIL" in md
+    assert any("dsfleet plan --config_name" in n for n in doc["notes"])
+
+
+@pytest.mark.slow
+def test_cpu_llama_suite(tmp_path, monkeypatch):
+    """The llama suite in miniature on one CPU rank, real launches: HF Trainer + DeepSpeed and dsfleet's fast path
+    both train the Llama the suite wrote (GQA, untied head: `--config_name`, random init) and produce numbers;
+    both start at the loss of a random init of that vocabulary, so both built the same architecture."""
+    import math
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "out"
+    assert bench.run(parser.parse_args(["--suite", "cpu_llama", "--out", str(out)])) == 0, (out / "results.md").read_text()
+    doc = json.loads((out / "results.json").read_text())
+    runs = {r["name"]: r for r in doc["results"]}
+    assert set(runs) == {"hf_trainer_zero2", "dsfleet_fast"}
+    vocab = bench.suites.LLAMA_CPU["vocab_size"]
+    for r in runs.values():
+        assert r["ok"] and r["tokens_per_s"] > 0 and r["zero_stage"] == 2 and len(r["losses"]) == 6, r
+        assert r["losses"]["1"] == pytest.approx(math.log(vocab), rel=0.05), r["losses"]
+        assert f"--config_name {out / 'configs' / 'cpu_llama'}" in r["command"]
+    assert "[attention sdpa]" in runs["hf_trainer_zero2"]["config"]
+    assert "fused chunked cross-entropy" in runs["dsfleet_fast"]["config"]
+    assert runs["dsfleet_fast"]["planned_peak_gib"] > 0
+    assert json.loads((out / "configs" / "cpu_llama" / "config.json").read_text())["num_key_value_heads"] == 2

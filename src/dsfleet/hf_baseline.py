@@ -8,7 +8,9 @@ micro-batch, learning rate, clipping and schedule. Nothing of HF's defaults is t
 
 Throughput is measured as the bench reads dsfleet's runs: the wall time of the steps after `--warmup` (device
 synchronised at both ends), tokens from the padded batch shapes, FLOPs from dsfleet.metrics.FlopCounter, MFU
-against `--peak_tflops`. Rank 0 writes one JSON result. Start it under the deepspeed launcher:
+against `--peak_tflops`. Rank 0 writes one JSON result. `--config_name DIR|config.json` instead of `--preset` trains any
+transformers architecture the same way (dsfleet's `--config_name --from_scratch`). Start it under the deepspeed
+launcher:
 
     deepspeed --num_gpus N --module dsfleet.hf_baseline --preset gpt2_xl --deepspeed ds.json --bf16 \\
         --micro_batch 8 --block_size 1024 --steps 20 --warmup 5 --output_dir DIR --result result.json
@@ -26,7 +28,10 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dsfleet.hf_baseline", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", required=True, help="dsfleet preset: the transformers config (random init)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--preset", help="dsfleet preset: the transformers config (random init)")
+    model.add_argument("--config_name", help="any transformers config (a dir with config.json, or the file): random "
+                       "init of that architecture, causal LM or seq2seq as the config says")
     p.add_argument("--deepspeed", required=True, help="DeepSpeed JSON as HF Trainer takes it (\"auto\" allowed)")
     p.add_argument("--result", required=True, help="where rank 0 writes the JSON result")
     p.add_argument("--output_dir", required=True, help="HF Trainer's output dir (nothing is saved there)")
@@ -73,12 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     from dsfleet.data import Collator, SyntheticTokens
     from dsfleet.dist_env import leave_process_group, release_cpu_allreduce_segment
     from dsfleet.metrics import FlopCounter, batch_tokens
-    from dsfleet.models import build_config
+    from dsfleet.models import build_config, model_config, seq2seq_of
     from dsfleet.presets import get_preset
 
-    preset = get_preset(args.preset)
-    seq2seq = preset.family == "t5"
-    config = build_config(preset)
+    if args.config_name:  # the architecture as dsfleet's --config_name reads it
+        config = model_config(args.config_name, flag="--config_name")
+        seq2seq, model_family = seq2seq_of(config), config.model_type
+        name = Path(args.config_name.rstrip("/")).name
+        name = config.model_type if name in ("", "config.json") else name
+    else:
+        preset = get_preset(args.preset)
+        seq2seq, model_family, name = preset.family == "t5", preset.family, preset.name
+        config = build_config(preset)
     ds_json = json.loads(Path(args.deepspeed).read_text())
     stage = int(ds_json.get("zero_optimization", {}).get("stage", 0))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -120,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     release_cpu_allreduce_segment()  # DeepSpeed's CPU all-reduce segment (dist_env says why)
 
     if rank == 0:
-        flops = FlopCounter(model, preset.family)
+        flops = FlopCounter(model, model_family)
         timed = args.steps - args.warmup
         elapsed = timer.end - timer.start
         tokens = batch_tokens(sample, seq2seq) * world * timed
         tflops = flops(sample) * world * timed / elapsed / 1e12
         result = {
-            "tool": "hf_trainer", "preset": preset.name, "world_size": world, "zero_stage": stage,
+            "tool": "hf_trainer", "preset": name, "world_size": world, "zero_stage": stage,
             "precision": "bf16" if args.bf16 else "fp32", "micro_batch": args.micro_batch,
             "seq": {"source": src_len, "target": args.max_target_length} if seq2seq else {"block": src_len},
             "steps": args.steps, "warmup": args.warmup, "timed_s": elapsed,

@@ -340,7 +340,8 @@ def build_for_run(spec, source: ModelSource, tokenizer, ds_config: dict, zero_st
 
     keep_alive = None
     if zero_stage == 3:
-        import torch._dynamo  # noqa: F401 — imported inside zero.Init, its polyfills trip over the patched Tensor.__new__
+        from torch import _dynamo  # noqa: F401 — imported inside zero.Init, its polyfills trip over the patched
+        # Tensor.__new__ (`import torch._dynamo` here would make `torch` a local name of this function)
         source.model_cls  # import the model classes outside the patched context too
         from transformers.integrations import HfDeepSpeedConfig
         # while it is alive transformers builds under deepspeed.zero.Init itself and runs its weight init on gathered

@@ -7,7 +7,8 @@ cut short still leaves what it measured. One concern a module:
 
   runner   start a launch with its env and log, poll it against a deadline, kill its process group, read its
            metrics.jsonl; the free port; nvidia-smi (scripts/gpu_memory_check.py runs through it too)
-  suites   what each suite (gpt2_xl, t5_3b, scaling, mamba, cpu_smoke, all) runs and checks against which target
+  suites   what each suite (gpt2_xl, t5_3b, scaling, mamba, llama, bart_large, any_model, cpu_smoke, cpu_llama,
+           all) runs and checks against which target
   report   the runs, ratios and checks as results.json and results.md
   cli      the subcommand's flags and `run(args)` (dsfleet.cli's COMMANDS entry "bench" imports this package)
 

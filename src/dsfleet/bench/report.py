@@ -32,6 +32,7 @@ class Result:
     tflops_per_gpu: float | None = None
     mfu: float | None = None
     peak_mem_gib: float | None = None
+    planned_peak_gib: float | None = None  # the planner's predicted peak for this run's config (any-model suites)
     first_step_s: float | None = None
     wall_s: float | None = None
     step_ms: list[float] = field(default_factory=list)  # each timed step's wall time (dsfleet runs: per-step rows)
@@ -71,6 +72,13 @@ class Report:
         passed = None if target is None or value is None else (value <= target if below else value >= target)
         self.checks.append({"suite": suite, "what": what, "value": value, "target": target, "below": below,
                             "fmt": fmt, "pass": passed})
+
+    def check_within(self, suite: str, what: str, value: float | None, tolerance: float | None,
+                     fmt: str = "{:+.1%}") -> None:
+        """A signed relative error checked by its size: passes when |value| <= tolerance."""
+        passed = None if tolerance is None or value is None else abs(value) <= tolerance
+        self.checks.append({"suite": suite, "what": what, "value": value, "target": tolerance, "below": True,
+                            "within": True, "fmt": fmt, "pass": passed})
 
     def check_ratio(self, suite: str, what: str, a: Result, b: Result, target: float | None) -> None:
         value = a.tokens_per_s / b.tokens_per_s if a.ok and b.ok and b.tokens_per_s else None
@@ -118,9 +126,9 @@ def markdown(doc: dict[str, Any]) -> str:
              f"torch {env['torch']}, transformers {env['transformers']}, deepspeed {env['deepspeed']}, "
              f"accelerate {env['accelerate']}, python {env['python']}; {env['host_cpus']} host CPUs.",
              f"Command: `{env['command']}` ({env['elapsed_s']:.0f} s).", "",
-             "| suite | run | GPUs | ZeRO | tokens/s | tokens/s/GPU | TFLOP/s/GPU | MFU | peak mem GiB | first step s | "
-             "step ms: median (min-max) | config |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| suite | run | GPUs | ZeRO | tokens/s | tokens/s/GPU | TFLOP/s/GPU | MFU | peak mem GiB | planned peak GiB | "
+             "first step s | step ms: median (min-max) | config |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
 
     def num(v, fmt="{:,.0f}"):
         return "—" if v is None else fmt.format(v)
@@ -129,11 +137,17 @@ def markdown(doc: dict[str, Any]) -> str:
         name = r["name"] if r["ok"] else f"{r['name']} ({'failed, measured again' if r['superseded'] else 'FAILED'}: {r['note'][:120]})"
         lines.append(f"| {r['suite']} | {name} | {r['gpus']} | {num(r['zero_stage'], '{}')} | {num(r['tokens_per_s'])} | "
                      f"{num(r['tokens_per_s_per_gpu'])} | {num(r['tflops_per_gpu'], '{:.1f}')} | {num(r['mfu'], '{:.1%}')} | "
-                     f"{num(r['peak_mem_gib'], '{:.1f}')} | {num(r['first_step_s'], '{:.0f}')} | "
+                     f"{num(r['peak_mem_gib'], '{:.1f}')} | {num(r.get('planned_peak_gib'), '{:.1f}')} | "
+                     f"{num(r['first_step_s'], '{:.0f}')} | "
                      f"{step_spread(r.get('step_ms'))} | {r['config']} |")
     lines += ["", "| suite | check | value | target | |", "| --- | --- | ---: | ---: | --- |"]
     for c in doc["checks"]:
-        target = "—" if c["target"] is None else ("<= " if c["below"] else ">= ") + c["fmt"].format(c["target"])
+        if c["target"] is None:
+            target = "—"
+        elif c.get("within"):
+            target = "within ±" + c["fmt"].format(c["target"]).lstrip("+")
+        else:
+            target = ("<= " if c["below"] else ">= ") + c["fmt"].format(c["target"])
         verdict = {True: "PASS", False: "FAIL", None: ""}[c["pass"]]
         lines.append(f"| {c['suite']} | {c['what']} | {num(c['value'], c['fmt'])} | {target} | {verdict} |")
     for suite, rows in doc["loss_curves"].items():

@@ -14,7 +14,20 @@ tables dsfleet.bench.report's, so a suite says only what is measured.
   mamba      mamba_1b, ZeRO-2 bf16: the mamba_ssm / causal_conv1d CUDA kernels at micro-batch 8 x 2048 (MFU), and
              kernels against transformers' pure-PyTorch scan (`--mamba_kernels on|off`) at 4 x 128, where the
              scan gets through steps: tokens/s ratio and the loss curves (same seed, stated tolerance).
+  llama      any model (issue 18): a Llama-architecture 1.2B from a config the suite writes (hidden 2048, 24
+             layers, GQA 32/8 heads, d_ff 5632, vocab 32000), micro-batch 8 x 2048, bf16, `--config_name DIR
+             --from_scratch`. HF Trainer + DeepSpeed ZeRO-2 twice (the shipped JSON minus its offload, as gpt2_xl;
+             and with dsfleet's one-rank DeepSpeed settings, overlap_comm and reduce_scatter off), dsfleet's fast
+             path, the same without torch.compile (what the planner models), and dsfleet at the planner's own
+             micro-batch (`--zero auto`). Ratio fast / the faster HF row, MFU, and each dsfleet row's measured peak
+             against the planner's prediction for the same config (`planner.plan_for_spec`, activations measured
+             by its fake-tensor trace).
+  bart_large a seq2seq model of BART-large shape from config (d_model 1024, 12 + 12 layers, vocab 50265), micro-batch
+             32 x (512 + 512), bf16, ZeRO-2, a few steps: measured peak against the planner's prediction.
+  any_model  llama and bart_large.
   cpu_smoke  gpt2_tiny on one CPU rank, a few steps: the gpt2_xl suite's three runs in miniature (tests, laptops).
+  cpu_llama  the llama suite in miniature on one CPU rank (a 2-layer Llama of hidden 64, fp32): HF Trainer and the
+             fast path, both from the config the suite writes.
   all        gpt2_xl, t5_3b and scaling.
 
 Both sides run with the same model config (random init from a preset: nothing to download), precision, ZeRO
@@ -42,22 +55,33 @@ from dsfleet.bench.report import Report, Result, environment, median_ratio
 from dsfleet.bench.runner import free_port, gpu_query, last_error, last_step, read_rows, source_env, step_seconds
 from dsfleet.cli import fail
 
-SUITES = ("gpt2_xl", "t5_3b", "scaling", "mamba", "all", "cpu_smoke")
+SUITES = ("gpt2_xl", "t5_3b", "scaling", "mamba", "llama", "bart_large", "any_model", "all", "cpu_smoke", "cpu_llama")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
                     "A800": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16 per device, vendor spec sheets
 TARGETS = {"gpt2_mfu": 0.40, "gpt2_vs_hf": 2.1, "t5_vs_hf": 3.0, "t5_first_step_s": 60.0, "scaling_per_gpu": 0.92,
-           "mamba_mfu": 0.25}
+           "mamba_mfu": 0.25, "llama_vs_hf": 1.8, "planner_peak_error": 0.10}
 LOSS_RTOL = {"bf16": 2e-2, "fp32": 1e-4}  # fast vs plain path, every logged step, same seed (see docs/benchmarks.md)
 # the stock path: transformers' model as it is (SDPA as transformers picks it, its own loss), DeepSpeed's own
 # gradient checks, Python's own garbage collector
 PLAIN_FLAGS = ["--attn_implementation", "auto", "--fused_loss", "false", "--fused_activation", "false",
                "--compile", "false", "--fused_grad_checks", "false", "--gc_interval", "0"]
+# the any-model suites' architectures, written by the suite as config.json (transformers config kwargs);
+# the CPU one keeps the GPU one's structure (GQA, untied head) at a size one CPU rank trains in seconds
+LLAMA_1B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
+            "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+LLAMA_CPU = {**LLAMA_1B, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 128}
+BART_LARGE = {"model_type": "bart", "architectures": ["BartForConditionalGeneration"], "vocab_size": 50265,
+              "d_model": 1024, "encoder_layers": 12, "decoder_layers": 12, "encoder_attention_heads": 16,
+              "decoder_attention_heads": 16, "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096,
+              "max_position_embeddings": 1024}
 
 
 @dataclass
 class Workload:
-    """What both sides train: one preset at fixed shapes on random tokens."""
-    preset: str
+    """What both sides train: one preset (or a transformers config: `config_name`) at fixed shapes on random tokens."""
+    preset: str | None
     micro_batch: int
     block_size: int = 1024  # causal LM
     source: int = 128  # seq2seq
@@ -67,10 +91,15 @@ class Workload:
     warmup: int = 5
     seed: int = 42
     learning_rate: float = 5e-5
+    config_name: str | None = None  # a dir with config.json: --config_name DIR --from_scratch on both sides
+    encoder_decoder: bool = False  # what config_name's model is (presets: by name)
 
     @property
     def seq2seq(self) -> bool:
-        return self.preset.startswith("t5")
+        return self.encoder_decoder if self.config_name else self.preset.startswith("t5")
+
+    def model_flags(self) -> list[str]:
+        return ["--config_name", self.config_name] if self.config_name else ["--preset", self.preset]
 
     @property
     def tokens_per_row(self) -> int:
@@ -87,10 +116,11 @@ class Bench:
 
     def __init__(self, args):
         self.args = args
-        self.cpu = args.suite == "cpu_smoke"
+        self.cpu = args.suite.startswith("cpu_")
         self.gpu_names = [] if self.cpu else gpu_names()
         if not self.cpu and not self.gpu_names:
-            fail("no NVIDIA GPU visible (nvidia-smi lists none) — run the GPU suites on a GPU box, or --suite cpu_smoke")
+            fail("no NVIDIA GPU visible (nvidia-smi lists none) — run the GPU suites on a GPU box, or --suite "
+                 "cpu_smoke / cpu_llama")
         self.out = Path(args.out).resolve()
         self.work = Path(args.work or f"/tmp/dsfleet-bench-{os.getpid()}").resolve()
         for d in (self.out / "logs", self.work):
@@ -111,7 +141,7 @@ class Bench:
             self.prebuild("FusedAdamBuilder", wait=True)  # every GPU run uses FusedAdam: compiled once, untimed
             if suite in ("t5_3b", "all"):
                 self.prebuild("CPUAdamBuilder", wait=False)  # only the ZeRO-3 offload baseline needs it
-        suites = ["gpt2_xl", "t5_3b", "scaling"] if suite == "all" else [suite]
+        suites = {"all": ["gpt2_xl", "t5_3b", "scaling"], "any_model": ["llama", "bart_large"]}.get(suite, [suite])
         for name in suites:
             getattr(self, f"suite_{name}")()
         self.report.write()
@@ -228,14 +258,160 @@ class Bench:
         self.report.compare_losses(suite, scan, fast, "bf16", LOSS_RTOL["bf16"],
                                    names=("pure-PyTorch scan", "kernels"))
 
+    def suite_llama(self, suite: str = "llama", dims: dict = LLAMA_1B, micro: int = 8, block: int = 2048,
+                    bf16: bool = True, steps: int = 20, warmup: int = 5, full: bool = True) -> None:
+        """Any model, causal: a Llama from the config written here, dsfleet against HF Trainer + ZeRO-2."""
+        config_dir = self.write_config(suite, dims)
+        w = self.workload(Workload(None, micro, block_size=block, bf16=bf16, steps=steps, warmup=warmup,
+                                   config_name=str(config_dir)))
+        hf = self.run_hf(suite, "hf_trainer_zero2", w, 1, self.baseline_config("zero2"),
+                         "shipped ZeRO-2 JSON without optimizer offload (AdamW: DeepSpeed's FusedAdam on a GPU)")
+        peers = [hf]
+        if full:
+            tuned = self.run_hf(suite, "hf_trainer_zero2_tuned", w, 1, self.baseline_config("zero2", one_rank=True),
+                                "the same with dsfleet's one-rank DeepSpeed settings (overlap_comm, reduce_scatter off)")
+            peers.append(tuned)
+        fast = self.run_dsfleet(suite, "dsfleet_fast", w, 1, ["--zero", "2", *self.fast_flags("llama")],
+                                "ZeRO-2, fast path", fast=True)
+        self.check_peak(suite, fast, w, 2)
+        ok_peers = [r for r in peers if r.ok]
+        peer = max(ok_peers, key=lambda r: r.tokens_per_s) if ok_peers else hf
+        target = None if self.cpu else TARGETS["llama_vs_hf"]
+        self.report.check_ratio(suite, f"dsfleet fast / HF Trainer tokens/s (the faster HF row: {peer.name})", fast,
+                                peer, target)
+        self.report.check(suite, "dsfleet fast / HF Trainer, median step time (the same ratio without slow outlier "
+                          "steps)", median_ratio(peer, fast), None, fmt="{:.2f}x")
+        if not self.cpu:
+            self.report.check(suite, "dsfleet fast MFU (6N + attention FLOPs)", fast.mfu, None, fmt="{:.1%}")
+            self.report.check(suite, "HF Trainer MFU (the faster HF row)", peer.mfu, None, fmt="{:.1%}")
+        if not full:
+            return
+        best_mb, how = self.planner_micro_batch(w)
+        if best_mb:
+            best_w = replace(w, micro_batch=best_mb)
+            best = self.run_dsfleet(suite, "dsfleet_best", best_w, 1, ["--zero", "auto", *self.fast_flags("llama")],
+                                    f"the planner's choice (--zero auto) at its micro-batch {best_mb} ({how}), fast path",
+                                    fast=True)
+            self.check_peak(suite, best, best_w, best.zero_stage or 2)
+            self.report.check_ratio(suite, f"dsfleet at the planner's micro-batch {best_mb} / HF Trainer at {w.micro_batch} "
+                                    "tokens/s", best, peer, None)
+            if not self.cpu:
+                self.report.check(suite, f"dsfleet MFU at the planner's micro-batch {best_mb}", best.mfu, None, fmt="{:.1%}")
+        else:
+            self.report.notes.append(f"{suite}: no best row — {how}")
+        eager = self.run_dsfleet(suite, "dsfleet_no_compile", w, 1, ["--zero", "2", "--compile", "false",
+                                                                     *shlex.split(self.args.dsfleet_args)],
+                                 "ZeRO-2, fast path without torch.compile (what the planner models)")
+        self.check_peak(suite, eager, w, 2)
+        self.report.check_ratio(suite, "dsfleet without torch.compile / HF Trainer tokens/s", eager, peer, None)
+
+    def suite_cpu_llama(self) -> None:
+        self.suite_llama("cpu_llama", LLAMA_CPU, micro=2, block=64, bf16=False, steps=6, warmup=2, full=False)
+
+    def suite_bart_large(self) -> None:
+        """Any model, seq2seq: BART-large's shape from config, its measured peak against the plan (torch.compile
+        off: `dsfleet train`'s default, and what the planner models)."""
+        suite = "bart_large"
+        config_dir = self.write_config(suite, BART_LARGE)
+        w = self.workload(Workload(None, 32, source=512, target=512, steps=8, warmup=3, config_name=str(config_dir),
+                                   encoder_decoder=True))
+        run = self.run_dsfleet(suite, "dsfleet_zero2", w, 1, ["--zero", "2", "--compile", "false",
+                                                              *shlex.split(self.args.dsfleet_args)],
+                               "ZeRO-2, dsfleet train's defaults (no torch.compile)")
+        self.check_peak(suite, run, w, 2)
+        self.report.check(suite, "dsfleet MFU (6N per source/target token + attention FLOPs)", run.mfu, None,
+                          fmt="{:.1%}")
+
+    # ---- any model: the config a suite trains, and the planner's view of it --------------------------------
+    def write_config(self, suite: str, dims: dict) -> Path:
+        """The suite's architecture as a transformers config dir (OUT/configs/SUITE/config.json: kept with the
+        results, so the run can be repeated from it)."""
+        from dsfleet.models import config_class
+        kwargs = {k: v for k, v in dims.items() if k != "model_type"}
+        directory = self.out / "configs" / suite
+        config_class(dims["model_type"])(**kwargs).save_pretrained(directory)
+        return directory
+
+    def hardware(self):
+        from dsfleet.resolve import Hardware
+        import psutil
+        rows = gpu_query("memory.total") or []
+        gpu_mem = int(float(rows[0][0]) * 2**20) if rows and not self.cpu else 80 * 2**30
+        return Hardware(nodes=1, gpus_per_node=1, gpu_mem_bytes=gpu_mem, cpu_mem_bytes=psutil.virtual_memory().total)
+
+    def spec_like(self, w: Workload):
+        """What the planner reads of a run spec, for this workload as run_dsfleet launches it (fast-path defaults:
+        fused loss and activation on; the planner applies the fused loss's own skip rules)."""
+        from types import SimpleNamespace
+        return SimpleNamespace(preset=w.preset if not w.config_name else None, config_name=w.config_name,
+                               per_device_train_batch_size=w.micro_batch, block_size=w.block_size,
+                               max_source_length=w.source, max_target_length=w.target, bf16=w.bf16, fp16=False,
+                               gradient_checkpointing=False, fused_loss=True, fused_activation=True,
+                               gradient_accumulation_steps=1, task=None)
+
+    def predicted_peak(self, w: Workload, zero_stage: int) -> tuple[int | None, str]:
+        """The planner's predicted max_memory_allocated for this workload at this ZeRO stage (no offload, no
+        checkpointing), and its phase; None when the planner cannot read the model."""
+        from dsfleet import planner
+        pl = planner.plan_for_spec(self.spec_like(w), self.hardware())
+        if pl is None:
+            return None, "the planner cannot read the model"
+        precision = "bf16" if w.bf16 else "fp32"
+        for c in pl.candidates:
+            if (c.zero_stage, c.offload_optimizer, c.offload_param, c.precision, c.gradient_checkpointing,
+                    c.micro_batch) == (zero_stage, "none", "none", precision, False, w.micro_batch):
+                return c.gpu["peak"], c.peak_phase
+        return None, f"no ZeRO-{zero_stage} candidate at micro-batch {w.micro_batch}"
+
+    def check_peak(self, suite: str, result: Result, w: Workload, zero_stage: int) -> None:
+        """A dsfleet row's measured peak (max_memory_allocated) against the planner's prediction for the same
+        config; on CPU ranks the measured figure is the process's RSS, so the prediction is shown, not checked."""
+        try:
+            peak, phase = self.predicted_peak(w, zero_stage)
+        except Exception as e:  # the planner failing on a model is a finding of the bench, not its end
+            peak, phase = None, f"the planner failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        result.planned_peak_gib = peak / 2**30 if peak else None
+        self.report.write()
+        if peak is None:
+            self.report.notes.append(f"{suite} / {result.name}: no prediction ({phase})")
+            return
+        error = (peak / 2**30 - result.peak_mem_gib) / result.peak_mem_gib if result.ok and result.peak_mem_gib else None
+        what = (f"planner's peak vs measured, {result.name} (ZeRO-{zero_stage}, micro-batch {w.micro_batch}; "
+                f"predicted {peak / 2**30:.2f} GiB, {phase}): (predicted - measured) / measured")
+        self.report.check_within(suite, what, error, None if self.cpu else TARGETS["planner_peak_error"])
+
+    def planner_micro_batch(self, w: Workload) -> tuple[int | None, str]:
+        """The planner's best micro-batch for this workload on this card (`dsfleet plan --config_name DIR --gpus 1
+        --gpu-mem <card> --seq-len S --precision P`), as its reason says."""
+        from dsfleet import planner
+        from dsfleet.planner.shape import shape_for_spec
+        shape = shape_for_spec(self.spec_like(w))
+        if shape is None:
+            return None, "the planner cannot read the model"
+        hw = self.hardware()
+        pl = planner.plan(shape=shape, gpus=1, gpu_mem_bytes=hw.gpu_mem_bytes, cpu_mem_bytes=hw.cpu_mem_bytes,
+                          seq_len=w.tokens_per_row if not w.seq2seq else w.source,
+                          tgt_len=w.target if w.seq2seq else None, precision="bf16" if w.bf16 else "fp32")
+        if pl.best is None:
+            return None, pl.reason
+        self.report.notes.append(f"planner (`dsfleet plan --config_name {w.config_name} --gpus 1 --gpu-mem "
+                                 f"{hw.gpu_mem_bytes / 2**30:.1f}GiB --seq-len {w.block_size} --precision "
+                                 f"{pl.best.precision}`): {pl.reason}")
+        return pl.best.micro_batch, pl.best.label()
+
     def fast_flags(self, family: str) -> list[str]:
         flags = ["--compile", "true" if self.compile_for(family) else "false"]
         return flags + shlex.split(self.args.dsfleet_args)
 
     # ---- baselines' DeepSpeed JSON -------------------------------------------------------------------------
-    def baseline_config(self, which: str) -> Path:
+    def baseline_config(self, which: str, one_rank: bool = False) -> Path:
+        """The shipped DeepSpeed JSON the HF baseline runs; `one_rank`: with the two settings dsfleet itself
+        turns off on one rank (overlap_comm: DeepSpeed synchronises the device before every bucket; reduce_scatter:
+        a flatten and copy-back with no peer), so the peer is not slowed by what dsfleet avoids."""
         from dsfleet.dsconfig import shipped_config_path
         config = json.loads(shipped_config_path(which).read_text())
+        if one_rank:
+            config["zero_optimization"].update(overlap_comm=False, reduce_scatter=False)
         if which == "zero2":
             # same ZeRO stage as dsfleet's run; the shipped file offloads the optimizer for small cards, which
             # would make this a CPU-Adam benchmark
@@ -243,7 +419,7 @@ class Bench:
         if self.cpu:
             config["optimizer"].setdefault("params", {})["torch_adam"] = True  # no CUDA FusedAdam on CPU ranks
             config["zero_optimization"]["overlap_comm"] = False
-        path = self.out / "ds_configs" / f"hf_{which}.json"
+        path = self.out / "ds_configs" / f"hf_{which}{'_one_rank' if one_rank else ''}.json"
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(config, indent=2) + "\n")
         return path
@@ -261,7 +437,7 @@ class Bench:
         env = dict(self.env)
         if fast and self.args.profile:
             env["DSFLEET_PROFILE"] = str(run_dir / "profile")
-        cmd = [*self.launcher(gpus), "--module", "dsfleet.train", "--preset", w.preset, "--from_scratch",
+        cmd = [*self.launcher(gpus), "--module", "dsfleet.train", *w.model_flags(), "--from_scratch",
                "--synthetic_data", "--per_device_train_batch_size", str(w.micro_batch), *w.shape_flags(),
                "--max_steps", str(steps), "--logging_steps", "1", "--seed", str(w.seed),
                "--learning_rate", str(w.learning_rate), "--report_to", "jsonl", "--no_progress",
@@ -314,7 +490,7 @@ class Bench:
         shutil.rmtree(run_dir, ignore_errors=True)
         result_path = run_dir / "result.json"
         run_dir.mkdir(parents=True)
-        cmd = [*self.launcher(gpus), "--module", "dsfleet.hf_baseline", "--preset", w.preset, "--deepspeed",
+        cmd = [*self.launcher(gpus), "--module", "dsfleet.hf_baseline", *w.model_flags(), "--deepspeed",
                str(ds_json), "--result", str(result_path), "--output_dir", str(run_dir / "trainer"),
                "--micro_batch", str(w.micro_batch), *w.shape_flags(), "--steps", str(w.steps),
                "--warmup", str(w.warmup), "--seed", str(w.seed), "--learning_rate", str(w.learning_rate),
