@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer_cls = Seq2SeqTrainer if seq2seq else Trainer
     trainer = trainer_cls(model=model, args=training_args, train_dataset=data, data_collator=collate,
                           callbacks=[timer])
-    # HF Trainer would divide the summed token loss by its own count of labels (transformers 5.17, GPT-2: before
+    # HF Trainer would divide the summed token loss by its own count of labels (transformers 5.24, GPT-2: before
     # the shift, B x T for B x (T - 1) predicted tokens — 1/64 low at 64 tokens, 1/1024 at 1024); the model's own
     # mean, as dsfleet and the plain loop compute it, makes the loss curves comparable (same gradient direction)
     trainer.model_accepts_loss_kwargs = False

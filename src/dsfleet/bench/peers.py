@@ -135,7 +135,7 @@ def run_plain_loop(bench, suite: str, name: str, w, config: str):
     log_text = Path(result.log).read_text(errors="replace") if result.log else ""
     for line in log_text.splitlines():
         if line.startswith("peers: plain loop, "):
-            result.config += f" [{line.split(', ', 2)[-1]}]"
+            result.config += f" [{line.split(', ', 2)[-1]}]"  # compile, optimizer, precision as run
             break
     if launched:
         bench.read_dsfleet(result, read_rows(metrics), w, 1)
@@ -201,7 +201,7 @@ def compare_peer_losses(bench, suite: str, reference, peer, w) -> None:
     from dsfleet.bench.suites import LOSS_RTOL
     precision = "bf16" if w.bf16 else "fp32"
     bench.report.compare_losses(suite, reference, peer, precision, LOSS_RTOL[precision],
-                                names=(reference.name, peer.name), key=f"{suite}: {peer.name}")
+                                names=(reference.name, peer.name), key=f"{suite} / {peer.name}")
 
 
 def targets() -> dict:
@@ -214,9 +214,7 @@ def gpt2_peers(bench, suite: str, w, plain, fast) -> None:
     micro-batch, then dsfleet at the planner's. Ratios dsfleet fast / each peer; the peers' loss curves against
     dsfleet's plain path."""
     gpu = not bench.cpu
-    loop = run_plain_loop(bench, suite, "plain_compiled", w,
-                          "plain PyTorch loop (nanoGPT's recipe on HF's model): torch.compile(model), fused AdamW, "
-                          "bf16 autocast" if gpu else "plain PyTorch loop: eager, AdamW, fp32 (CPU)")
+    loop = run_plain_loop(bench, suite, "plain_compiled", w, "plain PyTorch loop (nanoGPT's recipe on HF's model)")
     hf = run_hf_compiled(bench, suite, w)
     bench.report.check_ratio(suite, "dsfleet fast / plain PyTorch loop (compiled) tokens/s, same micro-batch", fast,
                              loop, targets()["gpt2_vs_plain_compiled"] if gpu else None)
