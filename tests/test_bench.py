@@ -160,6 +160,30 @@ def test_cpu_smoke_suite(tmp_path, monkeypatch):
     assert hf_json["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in hf_json["zero_optimization"]
 
 
+def test_plain_loop_compiles_to_one_graph_and_trains_like_eager(tmp_path, monkeypatch):
+    """The compiled plain-PyTorch peer (`python -m dsfleet.bench.peers`) as it runs on the GPU, on CPU with
+    torch.compile's aot_eager backend: the whole model with its loss is one graph without breaks (no KV cache, the
+    loss function resolved outside forward), and its rows are the eager loop's (fp32: the same losses to 1e-6)."""
+    from torch._dynamo.utils import counters
+
+    from dsfleet.bench import peers
+    from dsfleet.bench.runner import read_rows
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("DSFLEET_COMPILE_BACKEND", "aot_eager")
+    common = ["--preset", "gpt2_tiny", "--micro_batch", "2", "--block_size", "32", "--steps", "3"]
+    torch._dynamo.reset()
+    counters.clear()
+    assert peers.main([*common, "--compile", "true", "--output_dir", str(tmp_path / "compiled")]) == 0
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert peers.main([*common, "--compile", "false", "--output_dir", str(tmp_path / "eager")]) == 0
+    compiled, eager = (read_rows(tmp_path / d / "metrics.jsonl") for d in ("compiled", "eager"))
+    assert [r["step"] for r in compiled] == [1, 2, 3] and all(r["tokens_per_s"] > 0 for r in compiled)
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-6)
+    assert [r["lr"] for r in eager] == pytest.approx([5e-5, 5e-5 * 2 / 3, 5e-5 / 3])  # linear decay, no warmup
+    torch._dynamo.reset()
+
+
 def test_gpu_suites_orchestration(tmp_path, monkeypatch):
     """`--suite all` on a (pretend) 2-GPU H100 box with every launch replaced by a stand-in that writes what the
     real run would (dsfleet's metrics.jsonl and log lines, the baseline's result JSON): which runs the bench makes

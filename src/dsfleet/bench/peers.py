@@ -22,6 +22,7 @@ same shapes and seed (the stated LOSS_RTOL of the precision).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from dataclasses import replace
@@ -43,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning_rate", type=float, default=5e-5)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 weights (GPU)")
-    p.add_argument("--compile", choices=("true", "false"), default="true", help="torch.compile(model) (GPU)")
+    p.add_argument("--compile", choices=("true", "false"), default="true",
+                   help="torch.compile(model) (backend: $DSFLEET_COMPILE_BACKEND, default inductor; the bench passes "
+                        "false on CPU)")
     p.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU")
     return p
 
@@ -83,13 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     attn = fastpath.attn_implementation(spec, preset.family)
     with device:
         model = models.load_model(preset, None, True, {}, False, attn_implementation=attn)
+    model.config.use_cache = False  # a training loop keeps no KV cache (nanoGPT's model has none); same math
+    # transformers' loss lookup, resolved once here: inside forward it logs a warning — a graph break under compile
+    model.loss_function = model.loss_function
     model.train()
     flops = FlopCounter(model, preset.family)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=0.0, fused=gpu)
     scheduler = schedule.client_scheduler(spec, args.steps, {})(optimizer)  # dsfleet's: linear decay, no warmup
-    compiled = args.compile == "true" and gpu
-    step_model = torch.compile(model) if compiled else model
+    compiled = args.compile == "true"
+    step_model = torch.compile(model, backend=os.environ.get("DSFLEET_COMPILE_BACKEND", "inductor")) if compiled else model
     amp = args.bf16 and gpu
     print(f"peers: plain loop, {preset.name} ({flops.n_params / 1e6:,.2f}M params), "
           f"{'torch.compile(model)' if compiled else 'eager'}, {'fused ' if gpu else ''}AdamW, "
