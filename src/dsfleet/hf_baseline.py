@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         tokens = batch_tokens(sample, seq2seq) * world * timed
         tflops = flops(sample) * world * timed / elapsed / 1e12
         result = {
-            "tool": "hf_trainer", "preset": preset.name, "world_size": world, "zero_stage": stage,
+            "tool": "hf_trainer", "preset": preset.name, "world_size": world,
+            "zero_stage": stage if args.deepspeed else None,  # None: HF Trainer alone, no DeepSpeed
             "precision": "bf16" if args.bf16 else "fp32", "micro_batch": args.micro_batch,
             "seq": {"source": src_len, "target": args.max_target_length} if seq2seq else {"block": src_len},
             "steps": args.steps, "warmup": args.warmup, "timed_s": elapsed,
