@@ -22,6 +22,11 @@ stage, micro-batch, sequence lengths and synthetic tokens, and are read the same
 `--warmup`, tokens from the padded batch shapes, FLOPs from dsfleet.metrics.FlopCounter, MFU against the card's
 dense bf16 peak. dsfleet runs are stopped once their last step is logged (the end-of-run checkpoint is not part
 of a throughput run).
+
+Issue 21: gpt2_xl and t5_3b also run the strongest peers after their own rows (dsfleet.bench.peers: the compiled
+plain-PyTorch loop and HF Trainer with torch.compile on GPT-2 XL, HF + ZeRO-2 without offload on T5-3B) and a
+`dsfleet_best` row at the planner's micro-batch; cpu_smoke runs both suites' peers in miniature (gpt2_tiny, and
+t5_tiny as cpu_smoke_t5 without the offload baseline).
 """
 from __future__ import annotations
 
