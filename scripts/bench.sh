@@ -6,6 +6,10 @@
 #   bash scripts/bench.sh --suite scaling --gpus 2      # GPT-2 XL on 1 and 2 GPUs
 #   bash scripts/bench.sh --suite any_model --timeout 200   # issue 18: Llama 1.2B from config vs HF Trainer +
 #                                                       # ZeRO-2, BART-large's peak vs the planner (~8 min, one H200)
+# Issue 21 (the strongest peers, dsfleet/bench/peers.py): one device call per suite on one nvidia-h200, carry .whl
+# (with .whl/prebuilt/: no FusedAdam JIT build), each under the 10-minute limit (docs/benchmarks.md, "To run next"):
+#   OUT=$OUT/g bash scripts/bench.sh --suite gpt2_xl --steps 20 --warmup 5 --timeout 240 --work /tmp/w
+#   OUT=$OUT/t bash scripts/bench.sh --suite t5_3b --steps 15 --warmup 5 --timeout 200 --work /tmp/w
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/runs/bench}

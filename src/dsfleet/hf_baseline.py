@@ -5,6 +5,11 @@ the preset's transformers config with a random init (`from_config`: no download;
 partitioned at construction by transformers' own ZeRO-3 integration for stage 3), dsfleet's synthetic tokens
 and collator (same lengths, same padding), the given DeepSpeed JSON with HF's "auto" values, bf16, the same
 micro-batch, learning rate, clipping and schedule. Nothing of HF's defaults is tuned: it is the baseline.
+The batches are dsfleet's too, in dsfleet's order (`train_sampling_strategy="sequential"` over dsfleet's shuffled
+batch order), and the dropout draws start from the state the model's init left, as in dsfleet's loop (HF Trainer
+re-seeds inside train(); the state is put back before the first step), so the loss curves can be compared.
+Without `--deepspeed` it is the bench's `hf_compiled` peer (dsfleet.bench.peers): HF Trainer alone, one process,
+with `--torch_compile` and `--optim adamw_torch_fused`.
 
 Throughput is measured as the bench reads dsfleet's runs: the wall time of the steps after `--warmup` (device
 synchronised at both ends), tokens from the padded batch shapes, FLOPs from dsfleet.metrics.FlopCounter, MFU
@@ -32,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--preset", help="dsfleet preset: the transformers config (random init)")
     model.add_argument("--config_name", help="any transformers config (a dir with config.json, or the file): random "
                        "init of that architecture, causal LM or seq2seq as the config says")
-    p.add_argument("--deepspeed", required=True, help="DeepSpeed JSON as HF Trainer takes it (\"auto\" allowed)")
+    p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON as HF Trainer takes it (\"auto\" allowed); "
+                   "left out: HF Trainer alone (one process)")
+    p.add_argument("--optim", default=None, help="TrainingArguments.optim without --deepspeed (e.g. adamw_torch_fused)")
+    p.add_argument("--torch_compile", action="store_true", help="TrainingArguments.torch_compile")
     p.add_argument("--result", required=True, help="where rank 0 writes the JSON result")
     p.add_argument("--output_dir", required=True, help="HF Trainer's output dir (nothing is saved there)")
     p.add_argument("--micro_batch", type=int, default=8)
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, Seq2SeqTrainer, Seq2SeqTrainingArguments,
                               Trainer, TrainerCallback, TrainingArguments, set_seed)
 
-    from dsfleet.data import Collator, SyntheticTokens
+    from dsfleet.data import Collator
     from dsfleet.dist_env import leave_process_group, release_cpu_allreduce_segment
     from dsfleet.metrics import FlopCounter, batch_tokens
     from dsfleet.models import build_config, model_config, seq2seq_of
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         preset = get_preset(args.preset)
         seq2seq, model_family, name = preset.family == "t5", preset.family, preset.name
         config = build_config(preset)
-    ds_json = json.loads(Path(args.deepspeed).read_text())
+    ds_json = json.loads(Path(args.deepspeed).read_text()) if args.deepspeed else {}
     stage = int(ds_json.get("zero_optimization", {}).get("stage", 0))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -105,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         lr_scheduler_type="linear", max_grad_norm=1.0, bf16=args.bf16, deepspeed=args.deepspeed, seed=args.seed,
         logging_strategy="steps", logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_drop_last=True, remove_unused_columns=False, dataloader_num_workers=0,
-        use_cpu=not gpu)))  # created before the model: with ZeRO-3 it switches on transformers' zero.Init
+        use_cpu=not gpu, train_sampling_strategy="sequential", torch_compile=args.torch_compile,
+        **({"optim": args.optim} if args.optim else {}))))  # before the model: with ZeRO-3 it switches on zero.Init
 
     set_seed(args.seed)
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
@@ -116,17 +125,21 @@ def main(argv: list[str] | None = None) -> int:
         with torch.device("cuda", local_rank):  # a 1.5-3B model initialised on the CPU takes minutes
             model = auto.from_config(config)
     init_s = time.perf_counter() - started
+    rng_after_init = (torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if gpu else None)
 
     src_len = args.max_source_length if seq2seq else args.block_size
-    data = SyntheticTokens((args.steps + 2) * args.micro_batch * world, config.vocab_size, seq2seq, src_len,
-                           args.max_target_length, args.seed)
+    data = dsfleet_batches(args, config.vocab_size, seq2seq, world)
     collate = Collator(pad_id=0, seq2seq=seq2seq)  # what dsfleet.train uses for --synthetic_data
     sample = collate([data[i] for i in range(args.micro_batch)])
 
-    timer = _StepTimer(TrainerCallback, args.warmup, args.steps, gpu)
+    timer = _StepTimer(TrainerCallback, args.warmup, args.steps, gpu, rng_after_init)
     trainer_cls = Seq2SeqTrainer if seq2seq else Trainer
     trainer = trainer_cls(model=model, args=training_args, train_dataset=data, data_collator=collate,
                           callbacks=[timer])
+    # HF Trainer would divide the summed token loss by its own count of labels (transformers 5.24, GPT-2: before
+    # the shift, B x T for B x (T - 1) predicted tokens — 1/64 low at 64 tokens, 1/1024 at 1024); the model's own
+    # mean, as dsfleet and the plain loop compute it, makes the loss curves comparable (same gradient direction)
+    trainer.model_accepts_loss_kwargs = False
     trainer.train()
     release_cpu_allreduce_segment()  # DeepSpeed's CPU all-reduce segment (dist_env says why)
 
@@ -137,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         tokens = batch_tokens(sample, seq2seq) * world * timed
         tflops = flops(sample) * world * timed / elapsed / 1e12
         result = {
-            "tool": "hf_trainer", "preset": name, "world_size": world, "zero_stage": stage,
+            "tool": "hf_trainer", "preset": name, "world_size": world,
+            "zero_stage": stage if args.deepspeed else None,  # None: HF Trainer alone, no DeepSpeed
             "precision": "bf16" if args.bf16 else "fp32", "micro_batch": args.micro_batch,
             "seq": {"source": src_len, "target": args.max_target_length} if seq2seq else {"block": src_len},
             "steps": args.steps, "warmup": args.warmup, "timed_s": elapsed,
@@ -158,8 +172,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _StepTimer(base, warmup: int, steps: int, gpu: bool):
-    """A TrainerCallback (class made here: transformers is imported lazily) timing steps warmup+1..steps."""
+def dsfleet_batches(args, vocab_size: int, seq2seq: bool, world: int):
+    """dsfleet.train's synthetic training set, viewed in dsfleet's batch order: read sequentially, step k of rank r
+    gets the samples dsfleet's ResumableOrder gives rank r at step k."""
+    import itertools
+    from types import SimpleNamespace
+
+    import torch
+
+    from dsfleet import data
+    spec = SimpleNamespace(max_source_length=args.max_source_length, max_target_length=args.max_target_length,
+                           block_size=args.block_size, max_train_samples=None, seed=args.seed)
+    source = SimpleNamespace(preset=SimpleNamespace(config={"vocab_size": vocab_size}), seq2seq=seq2seq)
+    _, splits = data.prepare(spec, source, None, None, 0)
+    train = splits["train"]
+    chunks = itertools.islice(iter(data.ResumableOrder(len(train), args.micro_batch * world, 0, 1, args.seed)),
+                              args.steps + 2)
+    return torch.utils.data.Subset(train, [i for chunk in chunks for i in chunk])
+
+
+def _StepTimer(base, warmup: int, steps: int, gpu: bool, rng_state=None):
+    """A TrainerCallback (class made here: transformers is imported lazily) timing steps warmup+1..steps; before
+    the first step it puts back `rng_state` (CPU, CUDA), the generators as the model's init left them."""
     import torch
 
     from dsfleet.metrics import peak_memory
@@ -175,6 +209,15 @@ def _StepTimer(base, warmup: int, steps: int, gpu: bool):
             self.peak_mem = None
             self.losses: dict[int, float] = {}
             self.step_ends: list[float] = []  # perf_counter at the end of steps warmup..steps: per-step wall times
+            self.rng_state = rng_state
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0 and self.rng_state is not None:
+                cpu, cuda = self.rng_state
+                torch.random.set_rng_state(cpu)
+                if cuda is not None:
+                    torch.cuda.set_rng_state_all(cuda)
+                self.rng_state = None
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 1:

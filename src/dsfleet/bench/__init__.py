@@ -9,6 +9,9 @@ cut short still leaves what it measured. One concern a module:
            metrics.jsonl; the free port; nvidia-smi (scripts/gpu_memory_check.py runs through it too)
   suites   what each suite (gpt2_xl, t5_3b, scaling, mamba, llama, bart_large, any_model, cpu_smoke, cpu_llama,
            all) runs and checks against which target
+  peers    the strongest peers the gpt2_xl and t5_3b suites add (issue 21): a compiled plain-PyTorch loop (its own
+           entry point, `python -m dsfleet.bench.peers`), HF Trainer with torch.compile, HF + ZeRO-2 for T5, and
+           dsfleet at the planner's micro-batch (`dsfleet_best`)
   report   the runs, ratios and checks as results.json and results.md
   cli      the subcommand's flags and `run(args)` (dsfleet.cli's COMMANDS entry "bench" imports this package)
 

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 5; cpu_smoke 3)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU (default: by GPU name)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="torch.compile of the blocks in dsfleet's fast runs (auto: on for GPU suites)")
+                        help="torch.compile of the blocks in dsfleet's fast runs, and the peers' own compile "
+                             "(plain_compiled, hf_compiled) (auto: on for GPU suites)")
     parser.add_argument("--dsfleet_args", default="", help="extra train flags for dsfleet's fast runs (quoted)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="gpt2_xl suite: one more fast run with these extra train flags, reported as "

@@ -23,7 +23,7 @@ class Result:
     """One run as the report shows it."""
     suite: str
     name: str
-    tool: str  # "dsfleet" | "hf_trainer"
+    tool: str  # "dsfleet" | "hf_trainer" | "plain_pytorch"
     gpus: int
     ok: bool = False
     zero_stage: int | None = None
@@ -85,12 +85,14 @@ class Report:
         self.check(suite, what, value, target, fmt="{:.2f}x")
 
     def compare_losses(self, suite: str, plain: Result, fast: Result, precision: str, rtol: float,
-                       names: tuple[str, str] = ("plain", "fast")) -> None:
+                       names: tuple[str, str] = ("plain", "fast"), key: str | None = None) -> None:
+        """fast's loss at every step both logged against plain's; `key` names the table (default: the suite's
+        one table) when a suite compares more than one pair."""
         steps = sorted(set(plain.losses) & set(fast.losses))
         rows = [(s, plain.losses[s], fast.losses[s], abs(fast.losses[s] - plain.losses[s]) / abs(plain.losses[s]))
                 for s in steps]
-        self.loss_tables[suite] = rows
-        self.loss_names[suite] = list(names)
+        self.loss_tables[key or suite] = rows
+        self.loss_names[key or suite] = list(names)
         worst = max((r[3] for r in rows), default=None)
         self.checks.append({"suite": suite, "what": f"loss curve {names[1]} vs {names[0]}, max relative difference over "
                             f"{len(rows)} steps ({precision}, same seed)", "value": worst, "target": rtol,
