@@ -7,6 +7,7 @@ The GPU half (predicted vs measured peak on an H100, emulated 24 GB cards) is sc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -278,6 +279,54 @@ def test_mamba_scan_counts_the_fp32_state_tensors():
     per_token_layer = (a2.saved - a1.saved) / 1024 / shape.layers
     E, N = shape.expand * shape.hidden, shape.d_state
     assert 14 * E * N < per_token_layer < 14 * E * N * 1.15
+
+
+# The kernel scan runs only on a GPU, so its formula is checked against the peaks measured on one H200
+# (docs/benchmarks.md, "Mamba with the CUDA kernels"; torch.cuda.max_memory_allocated of the training step):
+# (preset, ZeRO stage, micro-batch, seq, checkpointing, measured GiB)
+H200_MAMBA_KERNEL_PEAKS = [
+    ("mamba_7b", 3, 2, 2048, True, 109.3),  # 2026-12-01/02, gpu_mamba.sh 7b / 7bckpt
+    ("mamba_1b", 2, 8, 2048, False, 58.0),  # bench --suite mamba, dsfleet_kernels
+    ("mamba_1b", 2, 1, 2048, False, 28.2),  # gpu_mamba.sh resume
+    ("mamba_1b", 2, 4, 128, False, 28.2),  # bench --suite mamba, dsfleet_kernels_short
+]
+
+
+@pytest.mark.parametrize("preset, stage, mb, seq, ckpt, measured", H200_MAMBA_KERNEL_PEAKS)
+def test_mamba_kernel_activations_match_the_h200_peaks(preset, stage, mb, seq, ckpt, measured):
+    """With mamba_ssm's fused scan no (d_inner x d_state) tensor per token is kept: the planner's peak for the
+    kernel path is within 5 % of what the H200 measured; the pure-PyTorch scan's formula is not (it is 14x the
+    activations of mamba_1b at 8 x 2048)."""
+    kw = dict(zero_stage=stage, precision="bf16", gradient_checkpointing=ckpt, micro_batch=mb, gpus=1,
+              gpu_mem_bytes=139 * GiB, cpu_mem_bytes=128 * GiB, seq_len=seq)
+    shape = P.model_shape(preset)
+    kernels = P.evaluate(dataclasses.replace(shape, mamba_kernels=True), **kw)
+    assert abs(kernels.gpu["peak"] / GiB - measured) / measured < 0.05, (kernels.gpu, measured)
+    if not ckpt and seq >= 2048:
+        scan = P.evaluate(shape, **kw)
+        assert scan.gpu["peak"] / GiB > 1.5 * measured
+
+
+def test_mamba_plans_for_the_scan_that_will_run():
+    """plan_for_spec takes the kernel path for GPU ranks with --mamba_kernels auto|on, the pure-PyTorch scan for
+    CPU ranks and --mamba_kernels off; the plan says which."""
+    class Spec:
+        preset = "mamba_1b"
+        per_device_train_batch_size = 8
+        gradient_accumulation_steps = 1
+        bf16, fp16 = True, False
+        block_size = 2048
+        gradient_checkpointing = False
+        mamba_kernels = "auto"
+    gpu = Hardware(1, 1, 139 * GiB, 128 * GiB)
+    on_gpu = P.plan_for_spec(Spec(), gpu)
+    assert "mamba_ssm's fused scan" in on_gpu.activations
+    Spec.mamba_kernels = "off"
+    off = P.plan_for_spec(Spec(), gpu)
+    assert "pure-PyTorch scan" in off.activations
+    assert off.best.gpu["activations"] > on_gpu.best.gpu["activations"] or off.best.gradient_checkpointing
+    Spec.mamba_kernels = "auto"
+    assert "pure-PyTorch scan" in P.plan_for_spec(Spec(), Hardware(1, 2, 139 * GiB, 128 * GiB, cpu=True)).activations
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Activation memory: the bytes autograd keeps for one micro-batch of dsfleet's training step, per model family.
 
 Why this exists: after the model states, activations decide whether a micro-batch fits. They are counted here
-tensor by tensor for the preset families (T5, GPT-2, Mamba's pure-PyTorch scan) — every other architecture is
+tensor by tensor for the preset families (T5, GPT-2, Mamba with either scan) — every other architecture is
 measured by tracing its own code (planner/measured.py) — with and
 without activation checkpointing and dsfleet's fast path; whether the fused loss is used, and how it chunks its
 logits, is read from dsfleet.fastpath itself (the code that runs). docs/planner.md lists every term;
@@ -55,6 +55,8 @@ def activation_memory(shape: ModelShape, micro_batch: int, seq_len: int, tgt_len
         return _t5_act(shape, micro_batch, seq_len, tgt_len or shape.tgt_len or seq_len, p, up, mask, checkpointing,
                        fused)
     if shape.family == "mamba":
+        if shape.mamba_kernels:
+            return _mamba_kernel_act(shape, micro_batch, seq_len, p, checkpointing)
         return _mamba_act(shape, micro_batch, seq_len, p, up, checkpointing)
     return _gpt2_act(shape, micro_batch, seq_len, p, mask, ln_stats, checkpointing, fused,
                      fused_activation or shape.family == "generic")
@@ -189,3 +191,40 @@ def _mamba_act(s: ModelShape, b: int, seq: int, p: int, up: int, ckpt: bool) -> 
                   layer_peak=base + one_layer + scan_bwd + p * s.largest_param + tied,
                   fwd_peak=base + one_layer + scan_fwd + head_fwd,
                   notes="pure-PyTorch scan")
+
+
+MAMBA_SCAN_CHUNK = 2048  # mamba_ssm's selective scan keeps its fp32 state at every 2048-token chunk boundary
+
+
+def _mamba_kernel_act(s: ModelShape, b: int, seq: int, p: int, ckpt: bool) -> ActMem:
+    """MambaForCausalLM on mamba_ssm's fused path (mamba_inner_fn, as transformers calls it when the kernels are
+    installed): no (d_inner x d_state) tensor per token. A layer keeps its RMSNorm's fp32 input copy, rsqrt and
+    output (= in_proj's input) and what mamba_inner_fn saves at its default checkpoint_lvl 1 — x|z, x_proj's output,
+    B and C as contiguous copies, the scan output, the scan's fp32 chunk states; the conv output and delta are
+    recomputed in its backward, which then holds them with dx|dz, their gradients and the gated output and its
+    gradient, all (batch, d_inner, seq) in the model dtype (+ fp32 dB, dC). Checked against the H200 peaks of
+    docs/benchmarks.md (tests/test_planner.py)."""
+    h, v, L, N = s.hidden, s.vocab, s.layers, s.d_state
+    E = s.expand * h
+    T = b * seq
+    chunks = -(-seq // MAMBA_SCAN_CHUNK)
+    layer = int(4 * h + 4 + 2 * p * h  # RMSNorm: fp32 input copy, rsqrt, normed = in_proj's input
+                + p * (2 * E + E) + p * (s.dt_rank + 2 * N) + p * 2 * N  # x|z, the scan output; x_dbl; B, C
+                + 4 * E * 2 * N * chunks / seq)  # the scan's fp32 states at chunk boundaries, per token
+    per_layer_const = 8 * E * N + 4 * E  # A = -exp(A_log) and D in fp32
+    hidden_in = 4 * h  # the fp32 residual stream (residual_in_fp32): a checkpointed layer's input
+    head_fwd, head_saved, head_bwd = _stock_lm_head(v, T, p, loss_fp32=True, logits_kept=False)
+    head_tok = 4 * h + 4 * h + 4 + p * h + 8 + 8  # norm_f in fp32: input, normed, rsqrt; lm_head input; mask; labels
+    if ckpt:  # layer 0's input is the 16-bit embedding output, the others the fp32 residual stream
+        base = (p * h + hidden_in * (L - 1)) * T + head_tok * T
+    else:
+        base = (layer * T + per_layer_const) * L + head_tok * T
+    scan_bwd = (p * 8 * E + 8 * N) * T  # conv out, delta (recomputed), dx|dz, dconv, ddelta, gated out + grad; dB, dC
+    scan_fwd = p * E * T  # the gated output, before out_proj
+    tied = p * v * h if s.tied else 0
+    one_layer = layer * T if ckpt else 0
+    return ActMem(saved=base + head_saved,
+                  head_peak=base + head_bwd,
+                  layer_peak=base + one_layer + scan_bwd + p * s.largest_param + tied,
+                  fwd_peak=base + one_layer + scan_fwd + head_fwd,
+                  notes="mamba_ssm kernels")

@@ -101,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, help="only this precision (default: all three)")
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (cost model)")
     parser.add_argument("--no-fused-loss", action="store_true", help="plan for the model's own loss (--fused_loss false)")
+    parser.add_argument("--mamba-scan", choices=("kernels", "torch"), default="kernels",
+                        help="Mamba: mamba_ssm's fused CUDA scan (default: the GPU image builds it) or transformers' "
+                        "pure-PyTorch scan (--mamba_kernels off, or a machine without the kernels)")
     parser.add_argument("--all", action="store_true", help="list every candidate, not the best micro-batch of each")
     parser.add_argument("--json", action="store_true", help="machine-readable: every candidate, bytes as integers")
 
@@ -122,7 +125,8 @@ def run(args) -> int:
     pl = plan(params=args.params, preset=args.preset, shape=shape, gpus=args.gpus, nodes=args.nodes,
               gpu_mem_bytes=parse_size(args.gpu_mem), cpu_mem_bytes=parse_size(args.cpu_mem),
               micro_batch=args.micro_batch, seq_len=args.seq_len, tgt_len=args.tgt_len, precision=args.precision,
-              fused_loss=not args.no_fused_loss, grad_accum=args.grad_accum)
+              fused_loss=not args.no_fused_loss, grad_accum=args.grad_accum,
+              mamba_kernels=args.mamba_scan == "kernels")
     if args.json:
         print(json.dumps(pl.to_json(), indent=1))
     elif pl.best is not None or args.all:

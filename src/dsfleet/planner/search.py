@@ -8,8 +8,9 @@ the topology given as a dsfleet.resolve.Hardware (nodes x GPUs per node), never 
 """
 from __future__ import annotations
 
+
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Iterable
 
 from dsfleet.cli import fail
@@ -147,9 +148,11 @@ def plan(*, params=None, preset: str | None = None, shape: ModelShape | None = N
          cpu_mem_bytes: int = DEFAULT_CPU_MEM, micro_batch: int | None = None, seq_len: int | None = None,
          tgt_len: int | None = None, precision: str | None = None, gradient_checkpointing: bool | None = None,
          zero_stages: Iterable[int] | None = None, fused_loss: bool = True, fused_activation: bool = True,
-         grad_accum: int = 1) -> Plan:
+         grad_accum: int = 1, mamba_kernels: bool | None = None) -> Plan:
     """Every candidate (ZeRO 0-3 x offload x precision x checkpointing x micro-batch) for this model on this
-    hardware, the fastest fitting one as `best`, and a one-line `reason` (or what would fit, if nothing does)."""
+    hardware, the fastest fitting one as `best`, and a one-line `reason` (or what would fit, if nothing does).
+    `mamba_kernels`: a Mamba's activations for mamba_ssm's fused scan (True) or transformers' pure-PyTorch one
+    (False); None keeps the shape's."""
     if gpus < 1 or nodes < 1:
         fail(f"--gpus {gpus} --nodes {nodes}: both must be >= 1 — pass the GPUs per node and the node count, "
              "e.g. --gpus 8 --nodes 2")
@@ -158,6 +161,8 @@ def plan(*, params=None, preset: str | None = None, shape: ModelShape | None = N
     if micro_batch is not None and micro_batch < 1:
         fail(f"--micro-batch {micro_batch} must be >= 1 — pass a positive micro-batch, or leave it out to try 1..64")
     shape = shape or resolve_shape(params, preset, seq_len)
+    if shape.family == "mamba" and mamba_kernels is not None:
+        shape = replace(shape, mamba_kernels=mamba_kernels)
     seq = seq_len or shape.seq_len
     tgt = (tgt_len or shape.tgt_len or seq) if shape.seq2seq else 0
     kw = dict(gpus=gpus, nodes=nodes, gpu_mem_bytes=gpu_mem_bytes, cpu_mem_bytes=cpu_mem_bytes, seq_len=seq,
@@ -175,6 +180,9 @@ def plan(*, params=None, preset: str | None = None, shape: ModelShape | None = N
     if shape.measured:
         from dsfleet.planner.measured import METHOD
         result.activations = METHOD
+    elif shape.family == "mamba":
+        result.activations += (": mamba_ssm's fused scan" if shape.mamba_kernels else
+                               ": transformers' pure-PyTorch scan (--mamba_kernels off, or no kernels)")
     result.reason = _reason(result, fitting) if best else what_would_fit(result, shape, kw, precision, micro_batch)
     result.impossible = best is None
     return result
@@ -289,8 +297,17 @@ def plan_for_spec(spec_like, hardware: Hardware) -> Plan | None:
               precision=precision, gradient_checkpointing=True if getattr(spec_like, "gradient_checkpointing", False)
               else None, fused_loss=bool(getattr(spec_like, "fused_loss", True)),
               fused_activation=bool(getattr(spec_like, "fused_activation", True)),
-              grad_accum=int(getattr(spec_like, "gradient_accumulation_steps", 1) or 1))
+              grad_accum=int(getattr(spec_like, "gradient_accumulation_steps", 1) or 1),
+              mamba_kernels=mamba_kernels_expected(spec_like, hardware))
     return pl
+
+
+def mamba_kernels_expected(spec_like, hardware: Hardware) -> bool:
+    """Whether a Mamba run takes mamba_ssm's fused scan: `--mamba_kernels on`, or `auto` on GPUs (the GPU image and
+    docker/install.sh build the kernels; where they are missing, train falls back with one line and this plan is
+    the optimistic one); CPU ranks and `off` take transformers' pure-PyTorch scan."""
+    choice = getattr(spec_like, "mamba_kernels", "auto")
+    return choice == "on" or (choice == "auto" and not getattr(hardware, "cpu", False))
 
 
 def check_heavier_stage(plan: Plan, user_stage: int) -> str | None:

@@ -50,6 +50,7 @@ class ModelShape:
     tgt_len: int = 0  # seq2seq target length
     seq2seq: bool = False  # encoder-decoder (T5, mT5, BART, ...): source and target lengths
     config_json: str = ""  # an architecture without a formula: its config, for the measured activations
+    mamba_kernels: bool = False  # Mamba: mamba_ssm's fused CUDA scan runs (its activations), not transformers' loop
 
     @property
     def measured(self) -> bool:
