@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = SimpleNamespace(max_source_length=args.max_source_length, max_target_length=args.max_target_length,
                            block_size=args.block_size, max_train_samples=None, seed=args.seed,
                            attn_implementation="auto", lr_scheduler_type="linear", warmup_steps=0)
-    source = SimpleNamespace(preset=preset, family=preset.family)
+    source = SimpleNamespace(preset=preset, family=preset.family, seq2seq=seq2seq)
     _, splits = data.prepare(spec, source, None, out, 0)
     order = data.ResumableOrder(len(splits["train"]), args.micro_batch, 0, 1, args.seed)
     collate = data.Collator(pad_id=0, seq2seq=seq2seq)
