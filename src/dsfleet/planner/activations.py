@@ -164,7 +164,7 @@ def _mamba_act(s: ModelShape, b: int, seq: int, p: int, up: int, ckpt: bool) -> 
     (batch, d_inner, seq, d_state) tensors in fp32 — exp(A*dt), dt*B, and every step's state (kept in fp32 by the
     next step's multiply and in the model dtype by the output matmul). Backward adds, per layer, two full-size
     fp32 gradient accumulators (for exp(A*dt) and dt*B*x, fed slice by slice) plus one slice-gradient buffer."""
-    h, v, L, N = s.hidden, s.vocab, s.layers, s.d_state
+    h, N = s.hidden, s.d_state
     E = s.expand * h
     T = b * seq
     EN = E * N
@@ -174,23 +174,9 @@ def _mamba_act(s: ModelShape, b: int, seq: int, p: int, up: int, ckpt: bool) -> 
                 + p * E * (2 + conv + 6) + 4 * E * up + 4 * E  # x|z, conv out, silu(z), u, dt in/out, x_proj/out_proj in
                 + EN * (12 + p * up)  # exp(A dt), dt B, fp32 states, 16-bit states
                 + 4 * N + p * (s.dt_rank + 2 * N))  # B in fp32, x_proj output
-    per_layer_const = 8 * E * N + 4 * E  # A = -exp(A_log) and D in fp32
-    hidden_in = 4 * h  # the fp32 residual stream (residual_in_fp32): a checkpointed layer's input
-    head_fwd, head_saved, head_bwd = _stock_lm_head(v, T, p, loss_fp32=True, logits_kept=False)
-    head_tok = 4 * h + 4 * h + 4 + p * h + 8 + 8  # norm_f in fp32: input, normed, rsqrt; lm_head input; mask; labels
-    if ckpt:  # layer 0's input is the 16-bit embedding output, the others the fp32 residual stream
-        base = (p * h + hidden_in * (L - 1)) * T + head_tok * T
-    else:
-        base = (layer * T + per_layer_const) * L + head_tok * T
     scan_bwd = 12 * EN * T  # two fp32 accumulators + one slice gradient
     scan_fwd = 4 * EN * T  # dt*B*x, alive through the loop
-    tied = p * v * h if s.tied else 0
-    one_layer = layer * T if ckpt else 0
-    return ActMem(saved=base + head_saved,
-                  head_peak=base + head_bwd,
-                  layer_peak=base + one_layer + scan_bwd + p * s.largest_param + tied,
-                  fwd_peak=base + one_layer + scan_fwd + head_fwd,
-                  notes="pure-PyTorch scan")
+    return _mamba_stack(s, T, p, layer, ckpt, scan_fwd, scan_bwd, "pure-PyTorch scan")
 
 
 MAMBA_SCAN_CHUNK = 2048  # mamba_ssm's selective scan keeps its fp32 state at every 2048-token chunk boundary
@@ -204,13 +190,23 @@ def _mamba_kernel_act(s: ModelShape, b: int, seq: int, p: int, ckpt: bool) -> Ac
     recomputed in its backward, which then holds them with dx|dz, their gradients and the gated output and its
     gradient, all (batch, d_inner, seq) in the model dtype (+ fp32 dB, dC). Checked against the H200 peaks of
     docs/benchmarks.md (tests/test_planner.py)."""
-    h, v, L, N = s.hidden, s.vocab, s.layers, s.d_state
+    h, N = s.hidden, s.d_state
     E = s.expand * h
     T = b * seq
     chunks = -(-seq // MAMBA_SCAN_CHUNK)
     layer = int(4 * h + 4 + 2 * p * h  # RMSNorm: fp32 input copy, rsqrt, normed = in_proj's input
                 + p * (2 * E + E) + p * (s.dt_rank + 2 * N) + p * 2 * N  # x|z, the scan output; x_dbl; B, C
                 + 4 * E * 2 * N * chunks / seq)  # the scan's fp32 states at chunk boundaries, per token
+    scan_bwd = (p * 8 * E + 8 * N) * T  # conv out, delta (recomputed), dx|dz, dconv, ddelta, gated out + grad; dB, dC
+    scan_fwd = p * E * T  # the gated output, before out_proj
+    return _mamba_stack(s, T, p, layer, ckpt, scan_fwd, scan_bwd, "mamba_ssm kernels")
+
+
+def _mamba_stack(s: ModelShape, T: int, p: int, layer: int, ckpt: bool, scan_fwd: int, scan_bwd: int,
+                 notes: str) -> ActMem:
+    """A Mamba's phases from one layer's kept bytes per token and its scan's transients (either scan): the layers
+    (or, checkpointed, their inputs), the final norm and the model's own fp32 loss over full logits."""
+    h, v, L, N, E = s.hidden, s.vocab, s.layers, s.d_state, s.expand * s.hidden
     per_layer_const = 8 * E * N + 4 * E  # A = -exp(A_log) and D in fp32
     hidden_in = 4 * h  # the fp32 residual stream (residual_in_fp32): a checkpointed layer's input
     head_fwd, head_saved, head_bwd = _stock_lm_head(v, T, p, loss_fp32=True, logits_kept=False)
@@ -219,12 +215,10 @@ def _mamba_kernel_act(s: ModelShape, b: int, seq: int, p: int, ckpt: bool) -> Ac
         base = (p * h + hidden_in * (L - 1)) * T + head_tok * T
     else:
         base = (layer * T + per_layer_const) * L + head_tok * T
-    scan_bwd = (p * 8 * E + 8 * N) * T  # conv out, delta (recomputed), dx|dz, dconv, ddelta, gated out + grad; dB, dC
-    scan_fwd = p * E * T  # the gated output, before out_proj
     tied = p * v * h if s.tied else 0
     one_layer = layer * T if ckpt else 0
     return ActMem(saved=base + head_saved,
                   head_peak=base + head_bwd,
                   layer_peak=base + one_layer + scan_bwd + p * s.largest_param + tied,
                   fwd_peak=base + one_layer + scan_fwd + head_fwd,
-                  notes="mamba_ssm kernels")
+                  notes=notes)
