@@ -31,6 +31,19 @@ import time
 from pathlib import Path
 
 
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The workload flags every bench peer takes (the bench passes the same ones to each: Workload.shape_flags)."""
+    p.add_argument("--micro_batch", type=int, default=8)
+    p.add_argument("--block_size", type=int, default=1024, help="causal LM: tokens per row")
+    p.add_argument("--max_source_length", type=int, default=128, help="seq2seq: source tokens per row")
+    p.add_argument("--max_target_length", type=int, default=128, help="seq2seq: target tokens per row")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--learning_rate", type=float, default=5e-5)
+    p.add_argument("--bf16", action="store_true", help="bf16 (on a GPU)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dsfleet.hf_baseline", description=__doc__.splitlines()[0])
     model = p.add_mutually_exclusive_group(required=True)
@@ -43,16 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch_compile", action="store_true", help="TrainingArguments.torch_compile")
     p.add_argument("--result", required=True, help="where rank 0 writes the JSON result")
     p.add_argument("--output_dir", required=True, help="HF Trainer's output dir (nothing is saved there)")
-    p.add_argument("--micro_batch", type=int, default=8)
-    p.add_argument("--block_size", type=int, default=1024, help="causal LM: tokens per row")
-    p.add_argument("--max_source_length", type=int, default=128, help="seq2seq: source tokens per row")
-    p.add_argument("--max_target_length", type=int, default=128, help="seq2seq: target tokens per row")
-    p.add_argument("--steps", type=int, default=20)
+    add_workload_arguments(p)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the timed window")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--learning_rate", type=float, default=5e-5)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
     return p
 
@@ -172,20 +177,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def dsfleet_batches(args, vocab_size: int, seq2seq: bool, world: int):
-    """dsfleet.train's synthetic training set, viewed in dsfleet's batch order: read sequentially, step k of rank r
-    gets the samples dsfleet's ResumableOrder gives rank r at step k."""
-    import itertools
+def synthetic_train_set(args, vocab_size: int, seq2seq: bool):
+    """dsfleet.train's --synthetic_data training set for the workload flags: the tokens every peer trains on."""
     from types import SimpleNamespace
-
-    import torch
 
     from dsfleet import data
     spec = SimpleNamespace(max_source_length=args.max_source_length, max_target_length=args.max_target_length,
                            block_size=args.block_size, max_train_samples=None, seed=args.seed)
     source = SimpleNamespace(preset=SimpleNamespace(config={"vocab_size": vocab_size}), seq2seq=seq2seq)
     _, splits = data.prepare(spec, source, None, None, 0)
-    train = splits["train"]
+    return splits["train"]
+
+
+def dsfleet_batches(args, vocab_size: int, seq2seq: bool, world: int):
+    """dsfleet.train's synthetic training set, viewed in dsfleet's batch order: read sequentially, step k of rank r
+    gets the samples dsfleet's ResumableOrder gives rank r at step k."""
+    import itertools
+
+    import torch
+
+    from dsfleet import data
+    train = synthetic_train_set(args, vocab_size, seq2seq)
     chunks = itertools.islice(iter(data.ResumableOrder(len(train), args.micro_batch * world, 0, 1, args.seed)),
                               args.steps + 2)
     return torch.utils.data.Subset(train, [i for chunk in chunks for i in chunk])

@@ -29,25 +29,19 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+from dsfleet.hf_baseline import add_workload_arguments, synthetic_train_set
+
 # ---- the plain PyTorch loop ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dsfleet.bench.peers", description=__doc__.splitlines()[0])
     p.add_argument("--preset", required=True, help="dsfleet preset: the transformers config (random init)")
     p.add_argument("--output_dir", required=True, help="metrics.jsonl goes here (one row per step, as dsfleet's)")
-    p.add_argument("--micro_batch", type=int, default=8)
-    p.add_argument("--block_size", type=int, default=1024, help="causal LM: tokens per row")
-    p.add_argument("--max_source_length", type=int, default=128, help="seq2seq: source tokens per row")
-    p.add_argument("--max_target_length", type=int, default=128, help="seq2seq: target tokens per row")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--learning_rate", type=float, default=5e-5)
+    add_workload_arguments(p)  # --bf16: autocast over fp32 weights here
     p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 weights (GPU)")
     p.add_argument("--compile", choices=("true", "false"), default="true",
                    help="torch.compile(model) (backend: $DSFLEET_COMPILE_BACKEND, default inductor; the bench passes "
                         "false on CPU)")
-    p.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU")
     return p
 
 
@@ -69,12 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # dsfleet.train's data, in its order: the same synthetic tokens, the same shuffled batches of rank 0 of 1
-    spec = SimpleNamespace(max_source_length=args.max_source_length, max_target_length=args.max_target_length,
-                           block_size=args.block_size, max_train_samples=None, seed=args.seed,
-                           attn_implementation="auto", lr_scheduler_type="linear", warmup_steps=0)
-    source = SimpleNamespace(preset=preset, family=preset.family, seq2seq=seq2seq)
-    _, splits = data.prepare(spec, source, None, out, 0)
-    order = data.ResumableOrder(len(splits["train"]), args.micro_batch, 0, 1, args.seed)
+    train = synthetic_train_set(args, int(preset.config["vocab_size"]), seq2seq)
+    order = data.ResumableOrder(len(train), args.micro_batch, 0, 1, args.seed)
+    spec = SimpleNamespace(attn_implementation="auto", lr_scheduler_type="linear", warmup_steps=0)  # dsfleet's defaults
     collate = data.Collator(pad_id=0, seq2seq=seq2seq)
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     if gpu:
@@ -104,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                      tags={"tool": "plain_loop"})
     batches = iter(order)
     for step in range(1, args.steps + 1):
-        batch = {k: v.to(device, non_blocking=True) for k, v in collate([splits["train"][i] for i in next(batches)]).items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate([train[i] for i in next(batches)]).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = step_model(**batch).loss
         loss.backward()
