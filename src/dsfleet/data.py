@@ -113,26 +113,6 @@ def fast_tokenizer(serialized: str):
                                    eos_token="</s>", unk_token="<unk>")
 
 
-def run_tokenizer(spec, source, raw, out: Path, rank: int):
-    """The run's tokenizer: --tokenizer_name, else the model dir's, else the one this run dir already holds (a
-    resume), else a BPE trained by rank 0 on the training text and sent to every rank (saved with the run dir
-    once every check has passed: `trained_here`)."""
-    import torch.distributed as dist
-    name = spec.tokenizer_name or model_dir_tokenizer(spec)
-    if name:
-        return load_tokenizer(name)
-    if (out / "tokenizer" / "tokenizer.json").is_file():
-        return load_tokenizer(str(out / "tokenizer"))
-    serialized = [None]
-    if rank == 0:
-        vocab = int(source.preset.config.get("vocab_size", 512))
-        serialized[0] = train_bpe_tokenizer(training_texts(spec, raw), vocab).backend_tokenizer.to_str()
-    dist.broadcast_object_list(serialized, src=0)
-    tokenizer = fast_tokenizer(serialized[0])
-    tokenizer.trained_here = True
-    return tokenizer
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json")
 
 
@@ -285,21 +265,15 @@ def tokenize(spec, raw, tokenizer) -> dict[str, Any]:
     return out
 
 
-def prepare(spec, source, raw, out: Path, rank: int):
-    """(tokenizer, tokenized splits) for the run — or synthetic token batches when there is no raw data. Every
-    check of the data happens here, before the run dir is written."""
-    if raw is None:
-        vocab = int(source.preset.config.get("vocab_size", 32128))
-        seq2seq = source.seq2seq
-        src = spec.max_source_length if seq2seq else spec.block_size
-        n = spec.max_train_samples or 100_000
-        return None, {"train": SyntheticTokens(n, vocab, seq2seq, src, spec.max_target_length, spec.seed),
-                      "validation": SyntheticTokens(64, vocab, seq2seq, src, spec.max_target_length, spec.seed + 1)}
-    check_block_size(spec, source.max_positions)
-    tokenizer = run_tokenizer(spec, source, raw, out, rank)
-    splits = tokenize(spec, raw, tokenizer)
-    check_blocks(spec, splits)
-    return tokenizer, splits
+def synthetic_splits(spec, source) -> dict:
+    """--synthetic_data: deterministic random token batches at the run's lengths (benchmarks, memory checks) —
+    every other run's data comes from the token cache (token_cache.prepare_for_run) or a stream (streaming.py)."""
+    vocab = int(source.preset.config.get("vocab_size", 32128))
+    seq2seq = source.seq2seq
+    src = spec.max_source_length if seq2seq else spec.block_size
+    n = spec.max_train_samples or 100_000
+    return {"train": SyntheticTokens(n, vocab, seq2seq, src, spec.max_target_length, spec.seed),
+            "validation": SyntheticTokens(64, vocab, seq2seq, src, spec.max_target_length, spec.seed + 1)}
 
 
 def _with_eos(ids: list[int], tokenizer) -> list[int]:

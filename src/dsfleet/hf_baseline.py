@@ -185,8 +185,7 @@ def synthetic_train_set(args, vocab_size: int, seq2seq: bool):
     spec = SimpleNamespace(max_source_length=args.max_source_length, max_target_length=args.max_target_length,
                            block_size=args.block_size, max_train_samples=None, seed=args.seed)
     source = SimpleNamespace(preset=SimpleNamespace(config={"vocab_size": vocab_size}), seq2seq=seq2seq)
-    _, splits = data.prepare(spec, source, None, None, 0)
-    return splits["train"]
+    return data.synthetic_splits(spec, source)["train"]
 
 
 def dsfleet_batches(args, vocab_size: int, seq2seq: bool, world: int):

@@ -522,7 +522,7 @@ class Preparation:
         """("path", dir-or-name) for a tokenizer every rank loads itself, ("json", serialized) for one trained
         here: from the cache when this training text and vocabulary trained one before, else trained now."""
         spec = self.spec
-        name = spec.tokenizer_name or data.model_dir_tokenizer(spec)  # the model's own, as data.run_tokenizer
+        name = spec.tokenizer_name or data.model_dir_tokenizer(spec)  # the model's own (a dir's tokenizer files)
         if name:
             return "path", name
         if self.out is not None and (self.out / "tokenizer" / "tokenizer.json").is_file():
@@ -656,7 +656,7 @@ def prepare_for_run(spec, source, out: Path, denv):
     reused when its key matches, else built by one process per filesystem while the other ranks wait. Every
     check of the data happens here or in the build, before the run dir is written."""
     if spec.synthetic_data:
-        return data.prepare(spec, source, None, out, denv.rank)
+        return None, data.synthetic_splits(spec, source)
     if spec.streaming:  # bigger than the disk: no cache, each rank tokenizes its share of the stream as it trains
         from dsfleet import streaming
         return streaming.prepare_for_run(spec, source, out, denv)
