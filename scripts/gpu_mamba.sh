@@ -24,6 +24,9 @@
 #           set by a sitecustomize made here): a loaded second copy (77 GiB) would not fit beside it.
 #           MAMBA7B_CKPT_ROOT=DIR puts the checkpoint there instead (how the phase was checked on CPU with a
 #           small model standing in for plan_7b's).
+# mamba_7b's runs train at MAMBA7B_LR (1.2e-4, GPT-3 6.7B's peak) after MAMBA7B_WARMUP (5) warmup steps, then
+# linear decay: a from-scratch pretraining rate, so that 30 steps show the loss fall (the fine-tuning default 5e-5
+# did not move it); on the random tokens of --synthetic_data it falls towards ln(vocab) = 10.8.
 # Carry: .whl (make-device-wheels.sh) and, from an earlier call, .whl/prebuilt/mamba-kernels-*.
 # MAMBA_START_BY=S: a phase after the first starts only within S seconds of this script's start (a device call
 # lasts 10 minutes at most; what is under $OUT comes back either way). MAMBA_DEADLINE=S: a training launch still
@@ -275,7 +278,8 @@ plan_7b() {
 print(b["zero_stage"], b["micro_batch"], int(b["gradient_checkpointing"]), b["gpu"]["peak"], b["offload_optimizer"])')
   echo "== 7b seq $seq: planner's choice: ZeRO-$zero, micro-batch $mb, checkpointing $ckpt, optimizer offload $offload, predicted peak $((predicted / 2**20)) MiB"
   args7b=(--preset mamba_7b --from_scratch --synthetic_data --bf16 --zero "$zero" --offload_optimizer "$offload"
-    --per_device_train_batch_size "$mb" --block_size "$seq" --export_hf false --peak_tflops 989)
+    --per_device_train_batch_size "$mb" --block_size "$seq" --export_hf false --peak_tflops 989
+    --learning_rate "${MAMBA7B_LR:-1.2e-4}" --warmup_steps "${MAMBA7B_WARMUP:-5}")
   [ "$ckpt" = 0 ] || args7b+=(--gradient_checkpointing)
 }
 

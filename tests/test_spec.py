@@ -51,6 +51,24 @@ def test_preset_aliases_and_mamba7b_size():
     assert 6.85e9 < n < 6.95e9, n  # the seed's ~6.89B model; dsfleet prints the exact count
 
 
+@pytest.mark.parametrize("name", ["mamba_1b", "mamba_7b"])
+def test_a_from_scratch_mamba_preset_starts_near_the_uniform_loss(name):
+    """A from-scratch Mamba at the published/seed widths starts near ln(vocab) on random tokens, as a pretraining
+    run expects — transformers' default init (initializer_range 0.1) put mamba_7b at ~30, too far up to fall in
+    30 steps on the H200. One layer of the real width, real init, one forward on CPU."""
+    import math
+    import torch
+    from dsfleet.models import build_config, family
+    preset = PRESETS[name]
+    config = build_config(preset, num_hidden_layers=1)
+    torch.manual_seed(0)
+    model = family(preset.family).model_cls(config)
+    ids = torch.randint(3, config.vocab_size, (1, 64))
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert math.log(config.vocab_size) - 0.5 < loss < math.log(config.vocab_size) + 2.5, loss
+
+
 def test_generated_config_batch_arithmetic_and_offload():
     spec = parse_args(["--preset", "t5_tiny", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
                        "3", "--zero", "2", "--offload_optimizer", "cpu", "--bf16"])

@@ -42,8 +42,12 @@ def _gpt2(name: str, n_embd: int, layers: int, heads: int, hub: str | None, **de
 
 
 def _mamba(name: str, d_model: int, layers: int, vocab: int, hub: str | None, **defaults) -> Preset:
+    # initializer_range 0.02: the reference implementation's pretraining init (mamba_ssm's embedding std), not
+    # transformers' MambaConfig default 0.1, whose tied logits have std ~0.1*sqrt(d_model): a from-scratch mamba_7b
+    # started at loss ~30 (7 logits of std) and did not fall in 32 steps on the H200. A model dir keeps its own.
     cfg = {"vocab_size": vocab, "hidden_size": d_model, "num_hidden_layers": layers, "state_size": 16,
-           "conv_kernel": 4, "expand": 2, "tie_word_embeddings": True, "residual_in_fp32": True}
+           "conv_kernel": 4, "expand": 2, "tie_word_embeddings": True, "residual_in_fp32": True,
+           "initializer_range": 0.02}
     return Preset(name, "mamba", cfg, hub, dict({"task": "causal_lm", "block_size": 2048}, **defaults))
 
 
