@@ -374,25 +374,57 @@ def checks_of(doc) -> dict:
     return {c["what"]: c for c in doc["checks"]}
 
 
-def test_mamba_scan_path_is_reported_and_warned_on_gpu_without_kernels(monkeypatch):
+def test_mamba_scan_is_decided_once_and_reported_and_warned_on_gpu_without_kernels(monkeypatch):
     """The GPU side is only the answer this CPU machine cannot give (the kernel imports: the next test makes them
-    real): on a GPU without the kernels the run warns once, naming the cost; `--mamba_kernels off` says so."""
-    monkeypatch.setattr(fastpath, "mamba_kernels_problem", lambda: "ImportError: No module named 'selective_scan_cuda'")
-    fast = fastpath.FastPath()
-    fastpath._mamba_scan(fast, on_gpu=True)
+    real): choose_mamba_scan decides the scan once per run; on a GPU without the kernels the run warns once, naming
+    the cost; `--mamba_kernels off` says so; `on` without them is one line; the fast path reports the decision
+    (it does not probe again: its probe is broken here to prove it)."""
+    from types import SimpleNamespace
+    from dsfleet.cli import UsageError
+    from dsfleet.resolve import Hardware
+    missing = "ImportError: No module named 'selective_scan_cuda'"
+    monkeypatch.setattr(fastpath, "hide_mamba_kernels", lambda: None)  # (the real one would poison this process)
+    monkeypatch.setattr(fastpath, "mamba_kernels_problem", lambda: missing)
+
+    def decide(choice, has_gpu, family="mamba"):
+        return fastpath.choose_mamba_scan(SimpleNamespace(mamba_kernels=choice), family, has_gpu)
+
+    def report(scan):
+        fast = fastpath.FastPath()
+        fastpath._mamba_scan(fast, scan)
+        return fast
+
+    assert decide("auto", True, family="gpt2") is None
+    scan = decide("auto", True)
+    assert scan == fastpath.MambaScan(False, missing)
+    with pytest.raises(UsageError, match="selective_scan_cuda"):
+        decide("on", True)
+    with pytest.raises(UsageError, match="no GPU visible"):
+        decide("on", False)
+    monkeypatch.setattr(fastpath, "mamba_kernels_problem", lambda: 1 / 0)  # the report must not probe
+    fast = report(scan)
     assert fast.tags == {"mamba_scan": "pytorch"}
     assert len(fast.warnings) == 1 and "slower" in fast.warnings[0] and " — " in fast.warnings[0]
     assert "selective_scan_cuda" in fast.warnings[0]
-    fast = fastpath.FastPath()
-    fastpath._mamba_scan(fast, on_gpu=True, choice="off")
+    fast = report(decide("off", True))
     assert fast.tags == {"mamba_scan": "pytorch"} and not fast.warnings and "--mamba_kernels off" in fast.describe()
+    fast = report(decide("auto", False))
+    assert fast.tags == {"mamba_scan": "pytorch"} and not fast.warnings and "CPU run" in fast.describe()
     monkeypatch.setattr(fastpath, "mamba_kernels_problem", lambda: None)
-    fast = fastpath.FastPath()
-    fastpath._mamba_scan(fast, on_gpu=True)
+    kernels = decide("on", True)
+    assert kernels == fastpath.MambaScan(True) and decide("auto", True) == kernels
+    fast = report(kernels)
     assert fast.tags == {"mamba_scan": "cuda_kernels"} and not fast.warnings
-    fast = fastpath.FastPath()
-    fastpath._mamba_scan(fast, on_gpu=False)
-    assert fast.tags == {"mamba_scan": "pytorch"} and not fast.warnings
+    # the decision is what a live run's Hardware carries to the planner
+    class Accel:
+        def device_name(self):
+            return "cpu"
+
+        def is_fp16_supported(self):
+            return False
+    assert Hardware.live(1, Accel(), mamba_scan=kernels).mamba_kernels is True
+    assert Hardware.live(1, Accel(), mamba_scan=scan).mamba_kernels is False
+    assert Hardware.live(1, Accel()).mamba_kernels is None
 
 
 _FAKE_KERNELS_PROBE = r"""

@@ -327,6 +327,11 @@ def test_mamba_plans_for_the_scan_that_will_run():
     assert off.best.gpu["activations"] > on_gpu.best.gpu["activations"] or off.best.gradient_checkpointing
     Spec.mamba_kernels = "auto"
     assert "pure-PyTorch scan" in P.plan_for_spec(Spec(), Hardware(1, 2, 139 * GiB, 128 * GiB, cpu=True)).activations
+    # inside a run, the scan its process decided (fastpath.choose_mamba_scan, carried by Hardware.live) wins: a GPU
+    # whose kernels do not import plans for the pure-PyTorch scan it will run
+    decided = Hardware(1, 1, 139 * GiB, 128 * GiB, mamba_kernels=False)
+    assert "pure-PyTorch scan" in P.plan_for_spec(Spec(), decided).activations
+    assert P.plan_for_spec(Spec(), decided).to_json() == off.to_json()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -325,8 +325,9 @@ class FastPath:
             attach_profiler(engine, Path(target), total_steps)
 
 
-def apply(model, spec, family: str, zero_stage: int) -> FastPath:
-    """Switch on the fast-path pieces the spec asks for, on a model before deepspeed.initialize."""
+def apply(model, spec, family: str, zero_stage: int, mamba_scan: "MambaScan | None" = None) -> FastPath:
+    """Switch on the fast-path pieces the spec asks for, on a model before deepspeed.initialize; a Mamba's scan is
+    the one choose_mamba_scan decided at the start of the run (reported here, not decided again)."""
     fast = FastPath()
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl:
@@ -345,7 +346,9 @@ def apply(model, spec, family: str, zero_stage: int) -> FastPath:
             install_fused_loss(model, family)
             fast.parts.append("fused chunked cross-entropy")
     if family == "mamba":
-        _mamba_scan(fast, on_gpu=next(model.parameters()).device.type == "cuda", choice=spec.mamba_kernels)
+        if mamba_scan is None:
+            raise TypeError("internal: fastpath.apply of a Mamba needs the scan choose_mamba_scan decided")
+        _mamba_scan(fast, mamba_scan)
         if zero_stage == 3:
             fast.parts.append(f"ZeRO-3 gathers for {gather_mamba_mixer_weights(model)} Mamba mixers the weights they "
                               "read directly")
@@ -391,23 +394,30 @@ def hide_mamba_kernels() -> None:
         sys.modules[name] = None  # `import name` now raises ImportError
 
 
-def _mamba_scan(fast: FastPath, on_gpu: bool, choice: str = "auto") -> None:
-    problem = mamba_kernels_problem() if on_gpu else "CPU run"
-    if problem is None:
+@dataclass(frozen=True)
+class MambaScan:
+    """The scan a Mamba run takes in this process, decided once by choose_mamba_scan (transformers fixes it when its
+    Mamba module is first imported) and carried: to the planner (resolve.Hardware.mamba_kernels, so a `--zero auto`
+    plan counts the activations of the scan that runs) and to the fast path's report."""
+    kernels: bool
+    why_not: str | None = None  # "--mamba_kernels off", "CPU run", or why the kernels do not import on this GPU
+
+
+def _mamba_scan(fast: FastPath, scan: MambaScan) -> None:
+    if scan.kernels:
         fast.tags["mamba_scan"] = "cuda_kernels"
         fast.parts.append("Mamba selective scan + causal conv1d CUDA kernels")
         return
     fast.tags["mamba_scan"] = "pytorch"
-    if choice == "off":
-        fast.skipped.append("Mamba CUDA kernels (--mamba_kernels off): pure-PyTorch scan")
+    if scan.why_not in ("--mamba_kernels off", "CPU run"):
+        fast.skipped.append(f"Mamba CUDA kernels ({scan.why_not}): pure-PyTorch scan")
         return
-    if on_gpu:
-        fast.warnings.append(
-            f"warning: mamba_ssm / causal_conv1d kernels unavailable ({problem}) — Mamba runs transformers' "
-            "pure-PyTorch scan, which materialises the (batch, d_inner, seq, d_state) state tensors and is several "
-            "times slower and larger than the fused kernels; install them (docker/install.sh mamba builds them "
-            "for CUDA_ARCH) for real runs")
-    fast.skipped.append("Mamba CUDA kernels (" + ("unavailable" if on_gpu else "CPU run") + "): pure-PyTorch scan")
+    fast.warnings.append(
+        f"warning: mamba_ssm / causal_conv1d kernels unavailable ({scan.why_not}) — Mamba runs transformers' "
+        "pure-PyTorch scan, which materialises the (batch, d_inner, seq, d_state) state tensors and is several "
+        "times slower and larger than the fused kernels; install them (docker/install.sh mamba builds them "
+        "for CUDA_ARCH) for real runs")
+    fast.skipped.append("Mamba CUDA kernels (unavailable): pure-PyTorch scan")
 
 
 def gather_mamba_mixer_weights(model) -> int:
@@ -435,14 +445,20 @@ def compile_loss() -> None:
                                  dynamic=False)
 
 
-def choose_mamba_scan(spec, family: str, has_gpu: bool) -> None:
-    """--mamba_kernels: off hides the kernel packages before transformers' Mamba is imported (it picks its scan at
-    import); on requires them on a GPU (one line otherwise); auto uses them where they import."""
+def choose_mamba_scan(spec, family: str, has_gpu: bool) -> MambaScan | None:
+    """--mamba_kernels, decided once per process, before transformers' Mamba is imported (it picks its scan at
+    import): off hides the kernel packages; on requires them on a GPU (one line otherwise); auto uses them where
+    they import. The answer (None for other families) is what the planner and the fast path are given."""
     if spec.mamba_kernels == "off":
         hide_mamba_kernels()
-    elif spec.mamba_kernels == "on" and family == "mamba":
+    if family != "mamba":
+        return None
+    if spec.mamba_kernels == "off":
+        return MambaScan(False, "--mamba_kernels off")
+    problem = mamba_kernels_problem() if has_gpu else "CPU run"
+    if problem and spec.mamba_kernels == "on":
         from dsfleet.cli import fail
-        problem = "no GPU visible" if not has_gpu else mamba_kernels_problem()
-        if problem:
-            fail(f"--mamba_kernels on, but the mamba_ssm / causal_conv1d CUDA kernels cannot run here ({problem}) — "
-                 "build them for this GPU (docker/install.sh mamba with CUDA_ARCH set) or pass --mamba_kernels auto")
+        fail(f"--mamba_kernels on, but the mamba_ssm / causal_conv1d CUDA kernels cannot run here "
+             f"({'no GPU visible' if not has_gpu else problem}) — build them for this GPU (docker/install.sh mamba "
+             "with CUDA_ARCH set) or pass --mamba_kernels auto")
+    return MambaScan(problem is None, problem)

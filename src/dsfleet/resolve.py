@@ -26,22 +26,25 @@ class Hardware:
     cpu_mem_bytes: int  # one host's memory, shared by its ranks
     cpu: bool = False  # CPU ranks (DeepSpeed's CPU accelerator, gloo)
     fp16: bool = True  # the accelerator trains in fp16
+    mamba_kernels: bool | None = None  # a Mamba's scan as this process decided it (fastpath.MambaScan); None:
+    #                                    planned from elsewhere (dsfleet plan, render), the kernels expected on GPUs
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
     @classmethod
-    def live(cls, world_size: int, accel, gpu_mem_bytes: int | None = None) -> "Hardware":
+    def live(cls, world_size: int, accel, gpu_mem_bytes: int | None = None, mamba_scan=None) -> "Hardware":
         """The machine this process runs on; with the process group up, ranks per node are counted from the
-        ranks' host names (not from an env var)."""
+        ranks' host names (not from an env var). `mamba_scan`: fastpath.choose_mamba_scan's answer, carried."""
         import psutil
         import torch
         per_node = _ranks_per_node(world_size)
         cpu = accel.device_name() == "cpu"
         gpu = torch.cuda.get_device_properties(0).total_memory if not cpu else CPU_PLANNING_GPU_MEM
         return cls(nodes=max(1, world_size // per_node), gpus_per_node=per_node, gpu_mem_bytes=gpu_mem_bytes or gpu,
-                   cpu_mem_bytes=psutil.virtual_memory().total, cpu=cpu, fp16=bool(accel.is_fp16_supported()))
+                   cpu_mem_bytes=psutil.virtual_memory().total, cpu=cpu, fp16=bool(accel.is_fp16_supported()),
+                   mamba_kernels=mamba_scan.kernels if mamba_scan is not None else None)
 
 
 def _ranks_per_node(world_size: int) -> int:

@@ -34,7 +34,7 @@ def train(spec) -> int:
     denv = dist_env.setup()
     world = spec.planned_world_size(denv.world_size)  # --num_gpus N: a dry run / memory check plans for N ranks
     source = models.resolve_source(spec)
-    fastpath.choose_mamba_scan(spec, source.family, runtime.has_gpu())  # before transformers' Mamba is imported
+    scan = fastpath.choose_mamba_scan(spec, source.family, runtime.has_gpu())  # once, before the Mamba import
     models.check_weights(spec)
     if not (spec.do_train or spec.do_eval or spec.do_predict):
         spec.do_train = True
@@ -43,7 +43,7 @@ def train(spec) -> int:
     accel = runtime.accelerator()
     is_main = denv.rank == 0
     if spec.dry_run:
-        hardware = Hardware.live(world, accel, spec.gpu_mem_bytes)
+        hardware = Hardware.live(world, accel, spec.gpu_mem_bytes, scan)
         print(describe(resolve(spec, source, hardware), source)) if is_main else None
         return 0
     runtime.start_process_group(accel, denv.local_rank, spec.gpu_memory_fraction, spec.dist_timeout)
@@ -53,7 +53,7 @@ def train(spec) -> int:
     tokenizer, splits = token_cache.prepare_for_run(spec, source, out, denv)  # tokenized once per job, memory-mapped
     order = data.batch_order(spec, splits["train"], denv) if spec.do_train else None
     total_steps = data.planned_steps(spec, order)
-    run = resolve(spec, source, Hardware.live(denv.world_size, accel, spec.gpu_mem_bytes), total_steps)
+    run = resolve(spec, source, Hardware.live(denv.world_size, accel, spec.gpu_mem_bytes, scan), total_steps)
     spec, ds_config, zero_stage = run.spec, run.ds_config, run.zero_stage
     resume_dir = checkpoint.find(spec.resume_from_checkpoint, out) if spec.resume_from_checkpoint else None
     dist.barrier()
@@ -69,7 +69,7 @@ def train(spec) -> int:
     import deepspeed
     collate = data.Collator(pad_id=tokenizer.pad_token_id if tokenizer is not None else 0, seq2seq=source.seq2seq)
     model = models.build_for_run(spec, source, tokenizer, ds_config, zero_stage, accel)
-    fast = fastpath.apply(model, spec, source.family, zero_stage)  # fused loss/GELU, compile: same math
+    fast = fastpath.apply(model, spec, source.family, zero_stage, scan)  # fused loss/GELU, compile: same math
     resume_dir = checkpoint.for_world_size(resume_dir, ds_config, denv.world_size, rank=denv.rank)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=ds_config,

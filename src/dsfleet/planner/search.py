@@ -303,9 +303,13 @@ def plan_for_spec(spec_like, hardware: Hardware) -> Plan | None:
 
 
 def mamba_kernels_expected(spec_like, hardware: Hardware) -> bool:
-    """Whether a Mamba run takes mamba_ssm's fused scan: `--mamba_kernels on`, or `auto` on GPUs (the GPU image and
-    docker/install.sh build the kernels; where they are missing, train falls back with one line and this plan is
-    the optimistic one); CPU ranks and `off` take transformers' pure-PyTorch scan."""
+    """Whether a Mamba run takes mamba_ssm's fused scan. Inside a run, what its process decided
+    (fastpath.choose_mamba_scan, carried as hardware.mamba_kernels). Planned from elsewhere: `--mamba_kernels on`,
+    or `auto` on GPUs (the GPU image and docker/install.sh build the kernels; where they are missing, train falls
+    back with one line and re-plans with this answer); CPU ranks and `off` take transformers' pure-PyTorch scan."""
+    decided = getattr(hardware, "mamba_kernels", None)
+    if decided is not None:
+        return decided
     choice = getattr(spec_like, "mamba_kernels", "auto")
     return choice == "on" or (choice == "auto" and not getattr(hardware, "cpu", False))
 
