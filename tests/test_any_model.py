@@ -104,6 +104,62 @@ def test_fused_loss_is_the_models_own_loss(kind):
         assert torch.allclose(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6), n
 
 
+# Architectures no other test trains, each from a small config (AutoConfig.for_model + these sizes); MoE models
+# with their router's auxiliary loss on, as MoE recipes train them
+_SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, n_embd=64, n_layer=2, n_head=4, d_model=64,
+              d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16, encoder_layers=2, decoder_layers=2,
+              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+              ffn_dim=128, word_embed_proj_dim=64, head_dim=16, n_positions=256, num_experts=4, num_local_experts=4,
+              moe_intermediate_size=64, shared_expert_intermediate_size=64, num_encoder_layers=2)
+_UNSEEN = {  # model_type -> why the fused loss must be skipped (None: it must give the model's own loss)
+    "gemma": None, "gemma2": "final_logit_softcapping", "gemma3_text": None, "qwen3": None, "phi": "has a bias",
+    "gpt_neox": None, "opt": None, "falcon": None, "stablelm": None, "starcoder2": None, "olmo2": None,
+    "cohere": "logit_scale", "granite": None, "bloom": None, "gpt_bigcode": None, "mpt": None, "xglm": None,
+    "biogpt": None, "mixtral": "output_router_logits", "qwen2_moe": "output_router_logits",
+    "pegasus": "final_logits_bias", "blenderbot": "final_logits_bias", "umt5": None,
+    "prophetnet": "ngram", "m2m_100": "cannot make decoder inputs"}
+
+
+@pytest.mark.parametrize("model_type", list(_UNSEEN))
+def test_fused_loss_rule_holds_on_architectures_no_test_was_written_for(model_type):
+    """fused_loss_skip_reason's rule on models dsfleet was not written against: where it installs the fused loss,
+    the loss is the model's own (fp32, 1e-5); where the model's own loss is more than next-token cross-entropy
+    (router auxiliary loss, n-gram losses) or its logits are transformed after the head, it is skipped with the
+    reason — never a silent change of what is trained."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from dsfleet import fastpath
+    cfg = AutoConfig.for_model(model_type)
+    for k, v in _SMALL.items():
+        if hasattr(cfg, k):
+            try:
+                setattr(cfg, k, v)
+            except (AttributeError, NotImplementedError):  # derived from the others (Falcon's head_dim, ...)
+                pass
+    for k in ("dropout", "attention_dropout", "hidden_dropout", "dropout_rate", "layerdrop", "resid_pdrop",
+              "embd_pdrop", "attn_pdrop", "encoder_layerdrop", "decoder_layerdrop"):
+        if hasattr(cfg, k):
+            setattr(cfg, k, 0.0)
+    if hasattr(cfg, "output_router_logits"):
+        cfg.output_router_logits = True
+    seq2seq = bool(cfg.is_encoder_decoder)
+    torch.manual_seed(0)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(cfg).train()
+    ids = torch.randint(3, 500, (2, 16))
+    labels = torch.randint(3, 500, (2, 12)) if seq2seq else ids.clone()
+    why_not = fastpath.fused_loss_skip_reason(model_type, 2, model)
+    want = _UNSEEN[model_type]
+    if want is not None:
+        assert why_not is not None and want in why_not, why_not
+        return
+    assert why_not is None, why_not
+    torch.manual_seed(1)
+    ref = model(input_ids=ids, labels=labels).loss.item()
+    fastpath.install_fused_loss(model)
+    torch.manual_seed(1)
+    assert model(input_ids=ids, labels=labels).loss.item() == pytest.approx(ref, rel=1e-5)
+
+
 def test_repeated_blocks_and_sdpa_are_found(model_dirs, monkeypatch):
     """Regional torch.compile finds each architecture's nn.ModuleList of layers (compiled here with dynamo's eager
     backend: the graphs are captured, the loss is the same); SDPA where the class supports it."""

@@ -44,6 +44,9 @@ VOCAB_MULTIPLE = 64  # the fused loss pads the vocabulary to a multiple of this,
 # after the head): the fused loss would compute another function, so it is skipped for them
 POST_HEAD_CONFIG_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
                          "logits_soft_cap")
+# config keys of models whose own loss is more than next-token cross-entropy: the fused loss would drop the rest
+OWN_LOSS_CONFIG_KEYS = {"output_router_logits": "adds its router's auxiliary loss",  # Mixtral, Qwen2-MoE, ...
+                        "ngram": "adds n-gram prediction losses"}  # ProphetNet (and label smoothing, eps)
 NO_FUSED_LOSS_FAMILIES = ("mamba",)  # transformers' Mamba: its own loss (the planner's formula counts that path)
 
 
@@ -66,6 +69,9 @@ def fused_loss_skip_reason(family: str, zero_stage: int, model=None) -> str | No
         extra = [k for k in POST_HEAD_CONFIG_KEYS if getattr(cfg, k, None) not in (None, 0, 1, 1.0)]
         if extra:
             return f"{type(model).__name__} transforms its logits ({extra[0]})"
+        own = [k for k in OWN_LOSS_CONFIG_KEYS if getattr(cfg, k, None)]
+        if own:
+            return f"{type(model).__name__} {OWN_LOSS_CONFIG_KEYS[own[0]]} ({own[0]})"
         if cfg is not None and cfg.is_encoder_decoder and not (hasattr(model, "prepare_decoder_input_ids_from_labels")
                                                                or hasattr(model, "_shift_right")):
             return f"{type(model).__name__} cannot make decoder inputs from labels"
