@@ -92,6 +92,9 @@ def test_single_cpu_process_gradient_accumulation(tmp_path):
     assert proc.returncode == 0, explain(proc)
     assert "1 rank(s) via single" in proc.stdout and "grad accum 2" in proc.stdout
     assert_loss_falls(out, factor=0.8)
+    # every row carries the rank's host peak (what a pod's memory limit meets): a process with torch, never falling
+    host = [r["host_peak_rss_bytes"] for r in metrics(out) if "loss" in r]
+    assert host and host[0] > 100 * 2**20 and host == sorted(host), host
 
 
 def test_one_rank_zero2_without_reduce_scatter_trains_the_same(tmp_path):

@@ -85,10 +85,13 @@ def batch_tokens(batch: dict[str, torch.Tensor], seq2seq: bool) -> int:
 
 
 def peak_memory() -> dict[str, int]:
+    """The device's peaks (on CPU ranks the process's) and the rank process's peak RSS on its host, which is what a
+    node's or a pod's memory limit is measured against (the planner's host column)."""
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if torch.cuda.is_available():
         return {"peak_mem_bytes": torch.cuda.max_memory_allocated(),
-                "peak_mem_reserved_bytes": torch.cuda.max_memory_reserved()}
-    return {"peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                "peak_mem_reserved_bytes": torch.cuda.max_memory_reserved(), "host_peak_rss_bytes": host}
+    return {"peak_mem_bytes": host, "host_peak_rss_bytes": host}
 
 
 def live_memory() -> str:
