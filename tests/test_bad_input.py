@@ -323,7 +323,6 @@ CASES = [
          "--streaming needs --max_steps", files={"train.txt": "hello there\n"}),
     Case("streaming-with-do-eval", "cli", ("train", *GPT_DATA, "--train_file", "train.txt", "--streaming", "--do_eval"),
          "--do_eval needs a split of known size", files={"train.txt": "hello there\n"}),
-    Case("streaming-translation", "dataset", ("train", *TINY, "--streaming"), "translation pairs are not streamed"),
     Case("streaming-without-a-tokenizer", "dataset", ("train", *GPT_DATA, "--train_file", "train.txt", "--streaming"),
          "--streaming needs a tokenizer to load", files={"train.txt": "hello there\n"}),
 ]

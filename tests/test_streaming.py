@@ -67,3 +67,50 @@ def test_two_ranks_stream_train_and_a_requeue_continues_at_the_saved_position(tm
     assert f"checkpoints/step_{STEPS} holds the stream positions of 2 ranks, not 1 — resume it on 2 ranks" \
         in one.stderr, explain(one)
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+def test_translation_pairs_stream_on_two_ranks_skip_holes_and_resume_exactly(tmp_path):
+    """T5 on streamed translation pairs (the embedded en-ro data, two pairs with an empty side): one row a pair,
+    encoded as the token cache encodes them; the ranks read disjoint pairs, the holes are skipped with one warning
+    and counted in the checkpoint, the loss falls, and a requeue from the mid-run checkpoint reads the same pairs
+    in the same order with the uninterrupted run's losses."""
+    from dsfleet import data
+    rows = [json.loads(line) for line in open(data.embedded_files("translation")["train"])]
+    tokenizer = tmp_path / "tokenizer"
+    data.train_bpe_tokenizer(iter(t for r in rows for t in r["translation"].values()), 512, tokenizer)
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for i, row in enumerate(rows[:600]):
+            if i in (4, 9):  # rank 0's 3rd and rank 1's 5th pair of their shares (every 2nd example)
+                row["translation"]["ro"] = "" if i == 4 else None
+            f.write(json.dumps(row) + "\n")
+    steps, save, micro = 16, 8, 4
+    out = tmp_path / "run"
+    args = ["--preset", "t5_tiny", "--from_scratch", "--tokenizer_name", str(tokenizer), "--train_file", str(pairs),
+            "--streaming", "--per_device_train_batch_size", str(micro), "--logging_steps", "1", "--seed", "5",
+            "--max_steps", str(steps), "--save_steps", str(save), "--report_to", "jsonl", "--output_dir", str(out)]
+    first = deepspeed_train(args, env=cpu_env(DSFLEET_TRACE_ROWS=str(tmp_path / "trace1")))
+    assert first.returncode == 0, explain(first)
+    assert "tokenized on the fly into translation pairs" in first.stdout, first.stdout
+    assert first.stdout.count("such pairs are skipped") == 2, first.stdout  # once per rank
+    curve = losses(out)
+    assert sorted(curve) == list(range(1, steps + 1))
+    assert sum(curve[s] for s in range(steps - 2, steps + 1)) < 0.7 * sum(curve[s] for s in range(1, 4)), curve
+    read = {r: blocks(tmp_path / "trace1", r) for r in (0, 1)}
+    assert len(read[0]) == len(read[1]) == steps * micro
+    assert not {b[3] for b in read[0]} & {b[3] for b in read[1]}
+    assert {b[1] for b in read[0]}.isdisjoint({"2"}) and {b[1] for b in read[1]}.isdisjoint({"4"})  # the holes
+    state = json.loads((out / "checkpoints" / f"step_{save}" / "dsfleet_state.json").read_text())["data"]
+    for r in (0, 1):  # each rank read save * micro pairs and passed over its one hole: the position is past both
+        assert state["ranks"][r] == {"pass": 0, "example": save * micro + 1, "token": 0, "skipped": 1}, state
+
+    shutil.rmtree(out / "checkpoints" / f"step_{steps}")
+    (out / "checkpoints" / "latest").write_text(f"step_{save}")
+    second = deepspeed_train([*args, "--resume_from_checkpoint", "auto"],
+                             env=cpu_env(DSFLEET_TRACE_ROWS=str(tmp_path / "trace2")))
+    assert second.returncode == 0, explain(second)
+    for r in (0, 1):
+        assert blocks(tmp_path / "trace2", r) == read[r][save * micro:], r
+    resumed = losses(out)
+    off = {s: (resumed[s], curve[s]) for s in range(save + 1, steps + 1) if abs(resumed[s] - curve[s]) > 1e-4 * curve[s]}
+    assert not off, off

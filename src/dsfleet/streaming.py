@@ -9,14 +9,18 @@ starts. The checkpoint holds every rank's position (gathered at each save, writt
 many examples of the rank's share (read again, not tokenized) and drops that many tokens of the next one. A pass
 that ends starts the stream again (the same order: a stream is not shuffled).
 
-Packing: each text's ids, followed by `</s>` unless the tokenizer appends it, concatenated across texts and cut
-into --block_size blocks (blank texts skipped). Unlike the token cache, nothing is dropped at a 100,000-row group's
-end, so the blocks differ from a non-streaming run's on the same file.
+Packing (causal LM): each text's ids, followed by `</s>` unless the tokenizer appends it, concatenated across texts
+and cut into --block_size blocks (blank texts skipped). Unlike the token cache, nothing is dropped at a 100,000-row
+group's end, so the blocks differ from a non-streaming run's on the same file.
+
+Translation: one row a pair, {"input_ids", "labels"} as the token cache makes them (--source_prefix, truncation at
+--max_source_length / --max_target_length), the position's token always 0. A pair with an empty or missing side
+is skipped (a stream cannot be checked ahead for holes as a file is): the first one is said, with its example
+index, and each rank counts them.
 
 What it refuses (one line each, before anything is written): --synthetic_data, training by --num_train_epochs (a
 stream's length is unknown: pass --max_steps), --do_eval/--do_predict (they need a split of known size),
-translation (pairs are not packed here), a run without a tokenizer it can load (training a BPE needs the whole
-corpus: pass --tokenizer_name), and a resume from a checkpoint of another world size or of a non-streaming run.
+a run without a tokenizer it can load (training a BPE needs the whole corpus: pass --tokenizer_name), and a resume from a checkpoint of another world size or of a non-streaming run.
 """
 from __future__ import annotations
 
@@ -78,6 +82,9 @@ class StreamRows:
 
     def __init__(self, spec, tokenizer, rank: int, world: int):
         self.spec, self.tokenizer, self.rank, self.world = spec, tokenizer, rank, world
+        self.pairs = spec.task == "translation"  # rows are translation pairs, not packed blocks
+        self.skipped = 0  # pairs with an empty side passed over since the run (or its resume) started
+        self._warned = False
         self.position = {"pass": 0, "example": 0, "token": 0}  # where this rank's next block starts
         self.read = 0  # blocks handed out
         self._blocks: Iterator[list[int]] | None = None
@@ -95,7 +102,10 @@ class StreamRows:
             ds = ds.take(self.spec.max_train_samples)
         return split_dataset_by_node(ds, rank=self.rank, world_size=self.world)
 
-    def _generate(self) -> Iterator[list[int]]:
+    def _generate(self) -> Iterator[Any]:
+        if self.pairs:
+            yield from self._generate_pairs()
+            return
         spec, tok, block = self.spec, self.tokenizer, self.spec.block_size
         eos = tok.eos_token_id
         column = spec.text_column
@@ -140,6 +150,58 @@ class StreamRows:
                      f"than one block of --block_size {block} tokens — give more text or a smaller --block_size")
             self.position = {"pass": self.position["pass"] + 1, "example": 0, "token": 0}  # the next pass
 
+    def _generate_pairs(self) -> Iterator[dict[str, list[int]]]:
+        """This rank's translation rows from its position on, pass after pass."""
+        while True:
+            start = self.position["example"]
+            yielded = False
+            for k, row in self._encoded_pairs(islice(self._share(), start, None), start):
+                self.position.update(example=k + 1, token=0)
+                if row is None:
+                    continue
+                yielded = True
+                yield row
+            if not yielded and not start:
+                fail(f"this rank's share of the streamed train data (rank {self.rank} of {self.world}) holds no "
+                     "translation pair with both sides — give more pairs, or fewer ranks")
+            self.position = {"pass": self.position["pass"] + 1, "example": 0, "token": 0}
+
+    def _encoded_pairs(self, share, start: int) -> Iterator[tuple[int, dict[str, list[int]] | None]]:
+        """(example index in the share, its row — None for a pair with an empty side), ENCODE_BATCH pairs to a
+        tokenizer call, encoded as the token cache encodes them."""
+        spec, rows = self.spec, enumerate(share, start=start)
+        langs, prefix = (spec.source_lang, spec.target_lang), spec.source_prefix or ""
+        while True:
+            chunk = list(islice(rows, ENCODE_BATCH))
+            if not chunk:
+                return
+            for _, row in chunk[:1]:
+                if "translation" not in row:
+                    fail(f"the streamed train data has no 'translation' column (columns: {', '.join(row)}) — rows "
+                         f"must look like {{\"translation\": {{\"{langs[0]}\": ..., \"{langs[1]}\": ...}}}}")
+            whole = [(k, row["translation"]) for k, row in chunk
+                     if all(str((row["translation"] or {}).get(lang) or "").strip() for lang in langs)]
+            if len(whole) < len(chunk):
+                self._say_skipped([k for k, _ in chunk if k not in {w for w, _ in whole}], chunk)
+            src = self.tokenizer([prefix + t[langs[0]] for _, t in whole], max_length=spec.max_source_length,
+                                 truncation=True)["input_ids"] if whole else []
+            tgt = self.tokenizer(text_target=[t[langs[1]] for _, t in whole], max_length=spec.max_target_length,
+                                 truncation=True)["input_ids"] if whole else []
+            encoded = {k: {"input_ids": a, "labels": b} for (k, _), a, b in zip(whole, src, tgt)}
+            for k, _ in chunk:
+                yield k, encoded.get(k)
+
+    def _say_skipped(self, holes: list[int], chunk) -> None:
+        if not self._warned:
+            self._warned = True
+            first = dict(chunk)[holes[0]]["translation"] or {}
+            langs = [lang for lang in (self.spec.source_lang, self.spec.target_lang)
+                     if not str(first.get(lang) or "").strip()]
+            print(f"dsfleet: warning: streamed pair {holes[0]} of rank {self.rank}'s share has no "
+                  f"{' / '.join(repr(x) for x in langs)} side — such pairs are skipped (each rank's count since "
+                  "its launch is in the checkpoint's stream position)", flush=True)
+        self.skipped += len(holes)
+
     def _encoded(self, share, start: int) -> Iterator[tuple[int, Any, list[int]]]:
         """(example index in the share, its text, its ids), the texts tokenized ENCODE_BATCH at a time (one
         tokenizer call per batch, not per text)."""
@@ -169,6 +231,7 @@ class StreamRows:
             return "error", str(e)
         finally:
             self.seek({"pass": 0, "example": 0, "token": 0})
+            self.skipped = 0
 
     def __getitem__(self, j: int) -> dict[str, list[int]]:
         if j != self.read:
@@ -176,11 +239,15 @@ class StreamRows:
         if self._blocks is None:
             self._blocks = self._generate()
         at = dict(self.position)
-        ids = next(self._blocks)
+        row = next(self._blocks)
+        if self.pairs:  # the pair's own example (the position was where the next one was looked for: maybe a hole)
+            at = dict(self.position, example=self.position["example"] - 1)
+        else:
+            row = {"input_ids": row}
         self.read += 1
         if os.environ.get("DSFLEET_TRACE_ROWS"):  # tests: where each block of each rank started, and its ids
-            self._trace(at, ids)
-        return {"input_ids": ids}
+            self._trace(at, row["input_ids"] + row.get("labels", []))
+        return row
 
     def _trace(self, at: dict[str, int], ids: list[int]) -> None:
         import zlib
@@ -207,7 +274,7 @@ class StreamOrder:
 
     def state(self) -> dict[str, Any]:
         import torch.distributed as dist
-        mine = dict(self.rows.position)
+        mine = dict(self.rows.position, skipped=self.rows.skipped) if self.rows.pairs else dict(self.rows.position)
         everyone = [None] * self.rows.world
         if self.rows.world > 1:
             dist.all_gather_object(everyone, mine)
@@ -253,10 +320,8 @@ def prepare_for_run(spec, source, out: Path, denv):
     """(tokenizer, {"train": StreamRows}): every rank's share checked to fill a block (the spec's own checks,
     `check`, ran when it was parsed)."""
     from dsfleet import data
-    if source.seq2seq or spec.task == "translation":
-        fail("--streaming packs causal-LM text; translation pairs are not streamed yet — drop --streaming (the "
-             "token cache tokenizes the pairs once, memory-mapped)")
-    data.check_block_size(spec, source.max_positions)
+    if spec.task != "translation":
+        data.check_block_size(spec, source.max_positions)
     check_resume(spec, out, denv.world_size)
     name = spec.tokenizer_name or data.model_dir_tokenizer(spec)
     if not name and (out / "tokenizer" / "tokenizer.json").is_file():
@@ -277,5 +342,6 @@ def prepare_for_run(spec, source, out: Path, denv):
     if os.environ.get("RANK", "0") == "0":
         print(f"dsfleet: streaming the train data (rank {denv.rank} of {denv.world_size} reads "
               f"{'every ' + str(denv.world_size) + 'th example or whole shards' if denv.world_size > 1 else 'all of it'}"
-              f"), tokenized on the fly into blocks of {spec.block_size}", flush=True)
+              f"), tokenized on the fly into "
+              f"{'translation pairs' if rows.pairs else f'blocks of {spec.block_size}'}", flush=True)
     return tokenizer, {"train": rows}
