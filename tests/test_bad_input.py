@@ -321,8 +321,9 @@ CASES = [
     Case("streaming-by-epochs", "cli", ("train", "--preset", "gpt2_tiny", "--from_scratch", "--train_file", "train.txt",
                                         "--streaming"),
          "--streaming needs --max_steps", files={"train.txt": "hello there\n"}),
-    Case("streaming-with-do-eval", "cli", ("train", *GPT_DATA, "--train_file", "train.txt", "--streaming", "--do_eval"),
-         "--do_eval needs a split of known size", files={"train.txt": "hello there\n"}),
+    Case("streaming-eval-without-a-file", "cli", ("train", *GPT_DATA, "--train_file", "train.txt", "--streaming",
+                                                  "--do_eval"),
+         "--do_eval with --streaming reads its split from --validation_file", files={"train.txt": "hello there\n"}),
     Case("streaming-without-a-tokenizer", "dataset", ("train", *GPT_DATA, "--train_file", "train.txt", "--streaming"),
          "--streaming needs a tokenizer to load", files={"train.txt": "hello there\n"}),
 ]

@@ -7,7 +7,9 @@ on one rank is refused in one line, before the checkpoint is touched."""
 import json
 import shutil
 
-from tests.launch import cpu_env, deepspeed_train, explain, losses, python_train
+import pytest
+
+from tests.launch import cpu_env, deepspeed_train, explain, losses, metrics, python_train
 from tests.test_token_cache import write_corpus
 
 STEPS, SAVE = 40, 20
@@ -15,8 +17,10 @@ MICRO = 4
 
 
 def blocks(trace_dir, rank):
-    """(pass, example, token, crc of the ids) of every block a rank read, in order (DSFLEET_TRACE_ROWS)."""
-    return [tuple(line.split()) for line in (trace_dir / f"rank{rank}.txt").read_text().splitlines()]
+    """(pass, example, token, crc of the ids) of every block a rank read from the stream, in order
+    (DSFLEET_TRACE_ROWS; the token cache's rows, "split index", are the held-out splits' reads)."""
+    return [tuple(line.split()) for line in (trace_dir / f"rank{rank}.txt").read_text().splitlines()
+            if len(line.split()) == 4]
 
 
 def test_two_ranks_stream_train_and_a_requeue_continues_at_the_saved_position(tmp_path):
@@ -73,7 +77,8 @@ def test_translation_pairs_stream_on_two_ranks_skip_holes_and_resume_exactly(tmp
     """T5 on streamed translation pairs (the embedded en-ro data, two pairs with an empty side): one row a pair,
     encoded as the token cache encodes them; the ranks read disjoint pairs, the holes are skipped with one warning
     and counted in the checkpoint, the loss falls, and a requeue from the mid-run checkpoint reads the same pairs
-    in the same order with the uninterrupted run's losses."""
+    in the same order with the uninterrupted run's losses. Evaluation reads --validation_file through the token
+    cache (only the train split streams): eval rows mid-run and at the end, the requeue's equal to the first's."""
     from dsfleet import data
     rows = [json.loads(line) for line in open(data.embedded_files("translation")["train"])]
     tokenizer = tmp_path / "tokenizer"
@@ -88,10 +93,15 @@ def test_translation_pairs_stream_on_two_ranks_skip_holes_and_resume_exactly(tmp
     out = tmp_path / "run"
     args = ["--preset", "t5_tiny", "--from_scratch", "--tokenizer_name", str(tokenizer), "--train_file", str(pairs),
             "--streaming", "--per_device_train_batch_size", str(micro), "--logging_steps", "1", "--seed", "5",
-            "--max_steps", str(steps), "--save_steps", str(save), "--report_to", "jsonl", "--output_dir", str(out)]
+            "--max_steps", str(steps), "--save_steps", str(save), "--report_to", "jsonl", "--output_dir", str(out),
+            "--do_train", "--do_eval", "--eval_steps", str(save), "--max_eval_samples", "16",
+            "--validation_file", data.embedded_files("translation")["validation"], "--cache_dir", str(tmp_path / "c")]
     first = deepspeed_train(args, env=cpu_env(DSFLEET_TRACE_ROWS=str(tmp_path / "trace1")))
     assert first.returncode == 0, explain(first)
     assert "tokenized on the fly into translation pairs" in first.stdout, first.stdout
+    assert "token cache built" in first.stdout and "validation 16 rows" in first.stdout, first.stdout
+    evals = {r["step"]: r["eval_loss"] for r in metrics(out) if "eval_loss" in r}
+    assert sorted(evals) == [save, steps] and evals[steps] < evals[save], evals
     assert first.stdout.count("such pairs are skipped") == 2, first.stdout  # once per rank
     curve = losses(out)
     assert sorted(curve) == list(range(1, steps + 1))
@@ -114,3 +124,6 @@ def test_translation_pairs_stream_on_two_ranks_skip_holes_and_resume_exactly(tmp
     resumed = losses(out)
     off = {s: (resumed[s], curve[s]) for s in range(save + 1, steps + 1) if abs(resumed[s] - curve[s]) > 1e-4 * curve[s]}
     assert not off, off
+    assert "token cache reused" in second.stdout, second.stdout
+    again = [r["eval_loss"] for r in metrics(out) if "eval_loss" in r and r["step"] == steps]
+    assert len(again) == 2 and again[1] == pytest.approx(again[0], rel=1e-4), again

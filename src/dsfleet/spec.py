@@ -69,7 +69,8 @@ class RunSpec(BaseModel):
     streaming: bool = Field(False, description="read the training data as a stream (datasets' streaming=True: "
                             "bigger than the disk), each rank its own share, tokenized and packed on the fly; the "
                             "stream position is in the checkpoint (an exact resume on the same world size). Needs "
-                            "--max_steps and a tokenizer to load; causal LM only")
+                            "--max_steps and a tokenizer to load; causal-LM text packed into blocks, translation "
+                            "pairs one a row; evaluation reads --validation_file/--test_file through the token cache")
     preprocessing_num_workers: int | None = Field(None, gt=0, description="processes that tokenize the corpus into "
                                                   "the token cache; unset: every core")
     # what to do

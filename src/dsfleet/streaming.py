@@ -18,8 +18,12 @@ Translation: one row a pair, {"input_ids", "labels"} as the token cache makes th
 is skipped (a stream cannot be checked ahead for holes as a file is): the first one is said, with its example
 index, and each rank counts them.
 
+Evaluation (--do_eval, --eval_steps, --do_predict) reads --validation_file / --test_file (or the embedded
+corpus's splits) through the token cache as a run without --streaming does: held-out splits are of known size,
+tokenized once, memory-mapped; only the train split streams.
+
 What it refuses (one line each, before anything is written): --synthetic_data, training by --num_train_epochs (a
-stream's length is unknown: pass --max_steps), --do_eval/--do_predict (they need a split of known size),
+stream's length is unknown: pass --max_steps), --do_eval/--do_predict without a file for their split,
 a run without a tokenizer it can load (training a BPE needs the whole corpus: pass --tokenizer_name), and a resume from a checkpoint of another world size or of a non-streaming run.
 """
 from __future__ import annotations
@@ -41,10 +45,12 @@ def check(spec) -> None:
     if spec.max_steps <= 0:
         fail("--streaming needs --max_steps: a stream's length is unknown, so --num_train_epochs cannot be counted "
              "— pass --max_steps N")
-    if spec.do_eval or spec.do_predict:
-        flag = "--do_eval" if spec.do_eval else "--do_predict"
-        fail(f"{flag} needs a split of known size, and --streaming streams the data — evaluate the checkpoint in a "
-             f"run without --streaming, or drop {flag}")
+    for flag, wanted, file in (("--do_eval", spec.do_eval, spec.validation_file),
+                               ("--do_predict", spec.do_predict, spec.test_file)):
+        if wanted and not file and spec.dataset_name != "embedded":
+            named = "--validation_file" if flag == "--do_eval" else "--test_file"
+            fail(f"{flag} with --streaming reads its split from {named} (only the train split is streamed; "
+                 f"evaluation needs a split of known size) — pass {named} FILE, or drop {flag}")
 
 
 def open_stream(spec):
@@ -339,9 +345,28 @@ def prepare_for_run(spec, source, out: Path, denv):
     for kind, line in verdicts:
         if kind == "error":
             fail(line)
+    splits = {"train": rows, **held_out_splits(spec, source, out, denv, name)}
     if os.environ.get("RANK", "0") == "0":
         print(f"dsfleet: streaming the train data (rank {denv.rank} of {denv.world_size} reads "
               f"{'every ' + str(denv.world_size) + 'th example or whole shards' if denv.world_size > 1 else 'all of it'}"
               f"), tokenized on the fly into "
               f"{'translation pairs' if rows.pairs else f'blocks of {spec.block_size}'}", flush=True)
-    return tokenizer, {"train": rows}
+    return tokenizer, splits
+
+
+def held_out_splits(spec, source, out: Path, denv, tokenizer_name: str) -> dict:
+    """The validation / test splits a streaming run evaluates on: the token cache's entry for those files alone
+    (the same tokenizer, by --tokenizer_name), prepared once per job like a run without --streaming."""
+    if not (spec.do_eval or spec.do_predict or spec.eval_steps):
+        return {}
+    if not (spec.validation_file or spec.test_file or spec.dataset_name == "embedded"):
+        return {}  # --eval_steps alone, no file: nothing to evaluate on (as a run without a validation split)
+    from dsfleet import token_cache
+    if spec.dataset_name == "embedded":
+        files = {"dataset_name": "embedded"}
+    else:
+        files = {"dataset_name": None, "validation_file": spec.validation_file, "test_file": spec.test_file}
+    held_out = spec.model_copy(update={"streaming": False, "do_train": False, "train_file": None, **files,
+                                       "tokenizer_name": tokenizer_name})
+    _, splits = token_cache.prepare_for_run(held_out, source, out, denv)
+    return {k: v for k, v in splits.items() if k in ("validation", "test")}
