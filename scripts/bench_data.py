@@ -175,6 +175,35 @@ def prepared_starts(args, results: dict) -> None:
     results.setdefault("prepared_only", []).append({"unix": time.time(), "rows": rows})
 
 
+def step_times(args, results: dict) -> None:
+    """--step-time: the 2-rank step time on the 58 MB prepared cache, the --src tree against this one, ABAB
+    (--step-time-rounds rounds), each run 200 steps: the median of its logged windows after step 20, as ms a step
+    (tokens of a step / tokens_per_s)."""
+    cache = args.work / "58MB" / "token-cache"
+    flags = ["--train_file", str(args.work / "corpus_58MB.txt"), "--cache_dir", str(cache), "--max_steps", "200",
+             "--logging_steps", "20"]
+    step_tokens = 8 * 2 * 64  # micro batch 8 x 2 ranks x block 64
+    out: dict = {}
+    trees = {"src": args.src, "this": REPO / "src", **({"other": args.other_src} if args.other_src else {})}
+    for round_ in range(args.step_time_rounds):
+        for name, src in trees.items():
+            run = args.work / f"run-steptime-{name}"
+            shutil.rmtree(run, ignore_errors=True)
+            train = [a for a in TRAIN]
+            i = train.index("--max_steps")
+            del train[i:i + 2]
+            i = train.index("--logging_steps")
+            del train[i:i + 2]
+            res = measure(deepspeed_cmd([*train, *flags, "--output_dir", str(run)]), env_with(PYTHONPATH=str(src)),
+                          args.work / f"steptime-{name}.log")
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            ms = sorted(1000 * step_tokens / r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 20)
+            out.setdefault(name, []).append({"median": round(ms[len(ms) // 2], 2), "min": round(ms[0], 2)})
+            print(f"round {round_}: {name} ({src}): {out[name][-1]} ms a step ({len(ms)} windows), "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+    results.setdefault("step_time", []).append({"unix": time.time(), "src": str(args.src), "ms": out})
+
+
 def deepspeed_cmd(args: list[str]) -> list[str]:
     import socket
     with socket.socket() as s:
@@ -360,6 +389,10 @@ def main() -> int:
                         "on each size's cache prepared by an earlier run in --work (seconds and RSS of start-up)")
     parser.add_argument("--src", type=Path, default=REPO / "src", help="with --prepared-only: the dsfleet source "
                         "tree the ranks run (another checkout's src/ to compare start-ups back to back)")
+    parser.add_argument("--step-time", action="store_true", help="only the step time of 2 ranks on the 58 MB "
+                        "prepared cache, --src's tree against this one, alternating")
+    parser.add_argument("--step-time-rounds", type=int, default=2)
+    parser.add_argument("--other-src", type=Path, default=None, help="with --step-time: a third tree in each round")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rev = args.baseline_rev or subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=REPO, capture_output=True,
@@ -371,6 +404,10 @@ def main() -> int:
         subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
     results_path = args.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if args.step_time:
+        step_times(args, results)
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
     if args.prepared_only:
         prepared_starts(args, results)
         results_path.write_text(json.dumps(results, indent=1) + "\n")
