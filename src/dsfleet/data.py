@@ -381,11 +381,13 @@ class PrefetchedBatches:
     (the order's own position runs ahead; the checkpoint never sees it). `epoch` likewise. An error on the
     thread (a bad row of a stream) is raised by the step that would have taken its batch."""
 
-    def __init__(self, order, rows, collate, accel, micro_batches: int, depth: int = 2):
+    def __init__(self, order, rows, collate, accel, micro_batches: int, depth: int = 2, ahead: bool | None = None):
+        """ahead: read on the thread (None: when the accelerator is not the CPU; the tests ask for both)."""
         import queue
         import threading
         self.order, self.rows, self.collate, self.remaining = order, rows, collate, micro_batches
-        self.pin = self.ahead = accel.device_name() != "cpu"
+        self.pin = accel.device_name() != "cpu"
+        self.ahead = self.pin if ahead is None else ahead
         self._taken = (order.position(), order.epoch)  # where a save now would resume (after any resume)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
