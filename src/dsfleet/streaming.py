@@ -278,9 +278,17 @@ class StreamOrder:
     def epoch(self) -> int:
         return self.rows.position["pass"]
 
-    def state(self) -> dict[str, Any]:
+    def position(self) -> dict[str, int]:
+        """This rank's stream position after the last block read (cheap, local: no collective); for translation
+        pairs with the count of pairs skipped for an empty side."""
+        if self.rows.pairs:
+            return dict(self.rows.position, skipped=self.rows.skipped)
+        return dict(self.rows.position)
+
+    def state(self, position: dict[str, int] | None = None) -> dict[str, Any]:
+        """Every rank's position (this rank's: `position`, a `position()` taken earlier, else the current one)."""
         import torch.distributed as dist
-        mine = dict(self.rows.position, skipped=self.rows.skipped) if self.rows.pairs else dict(self.rows.position)
+        mine = dict(position) if position is not None else self.position()
         everyone = [None] * self.rows.world
         if self.rows.world > 1:
             dist.all_gather_object(everyone, mine)

@@ -95,21 +95,22 @@ def train(spec) -> int:
                      show_progress=not spec.no_progress, report_to=spec.report_to, tags=fast.tags)
     stop = runtime.PreemptionFlag()
     collector = runtime.StepBoundaryGC(spec.gc_interval)
+    batches = data.PrefetchedBatches(order, splits["train"], collate, accel, micro_batches=(total_steps - step) *
+                                     spec.gradient_accumulation_steps) if spec.do_train else None  # read ahead
 
-    def save(at_step: int) -> None:
-        checkpoint.save(engine, out / "checkpoints", at_step, {"step": at_step, "data": order.state(), **run_state},
+    def save(at_step: int) -> None:  # the data position is the last batch the step took, not the read-ahead
+        checkpoint.save(engine, out / "checkpoints", at_step, {"step": at_step, "data": batches.state(), **run_state},
                         rank=denv.rank, keep=spec.save_total_limit)
 
     # ---- 3. the loop ------------------------------------------------------------------------------------
     from dsfleet.evaluate import evaluate, final_evaluations, should_eval
     if spec.do_train:
         engine.train()
-        batches = iter(order)
         loss_sum = torch.zeros((), device=engine.device)
         loss_count = 0
         while step < total_steps:
             for _ in range(spec.gradient_accumulation_steps):
-                batch = {k: v.to(engine.device) for k, v in collate([splits["train"][i] for i in next(batches)]).items()}
+                batch = batches.to(next(batches), engine.device)
                 loss = engine(**batch).loss
                 engine.backward(loss)
                 engine.step()
@@ -121,7 +122,7 @@ def train(spec) -> int:
             if log.should_log(step, spec.logging_steps):
                 dist.all_reduce(loss_sum)
                 log.log_train(step, loss=loss_sum.item() / (loss_count * denv.world_size),
-                              lr=engine.get_lr()[0], grad_norm=runtime.grad_norm(engine), epoch=order.epoch)
+                              lr=engine.get_lr()[0], grad_norm=runtime.grad_norm(engine), epoch=batches.epoch)
                 loss_sum.zero_()
                 loss_count = 0
                 if spec.check_memory:
@@ -134,6 +135,7 @@ def train(spec) -> int:
             if checkpoint.should_save(spec, step, total_steps):
                 save(step)
             if stop.agreed(engine.device):
+                batches.close()
                 save(step)
                 if is_main:
                     print(f"dsfleet: preempted ({stop.signal_name}) — checkpoint step {step} saved, exiting "
