@@ -235,6 +235,18 @@ def check_train_size(spec, raw, world_size: int) -> None:
              "— give more data or a smaller --per_device_train_batch_size")
 
 
+def encode_pairs(tokenizer, pairs, prefix: str | None, source_lang: str, target_lang: str, max_source_length: int,
+                 max_target_length: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Translation pairs ({lang: text} each) -> (source ids, target ids), one tokenizer call a side: the source
+    with --source_prefix, each side truncated at its length — how every path (the token cache, a stream, the
+    in-memory reference) encodes a pair."""
+    if not pairs:
+        return [], []
+    src = tokenizer([(prefix or "") + t[source_lang] for t in pairs], max_length=max_source_length, truncation=True)
+    tgt = tokenizer(text_target=[t[target_lang] for t in pairs], max_length=max_target_length, truncation=True)
+    return src["input_ids"], tgt["input_ids"]
+
+
 def tokenize(spec, raw, tokenizer) -> dict[str, Any]:
     """Tokenized splits: seq2seq rows {input_ids, labels}; causal-LM rows are fixed `block_size` chunks."""
     out = {}
@@ -244,14 +256,10 @@ def tokenize(spec, raw, tokenizer) -> dict[str, Any]:
         if limit:
             ds = ds.select(range(min(limit, len(ds))))
         if spec.task == "translation":
-            prefix = spec.source_prefix or ""
-
             def encode(batch):
-                src = [prefix + t[spec.source_lang] for t in batch["translation"]]
-                tgt = [t[spec.target_lang] for t in batch["translation"]]
-                enc = tokenizer(src, max_length=spec.max_source_length, truncation=True)
-                enc["labels"] = tokenizer(text_target=tgt, max_length=spec.max_target_length, truncation=True)["input_ids"]
-                return {"input_ids": enc["input_ids"], "labels": enc["labels"]}
+                src, tgt = encode_pairs(tokenizer, batch["translation"], spec.source_prefix, spec.source_lang,
+                                        spec.target_lang, spec.max_source_length, spec.max_target_length)
+                return {"input_ids": src, "labels": tgt}
         else:
             block = spec.block_size
 

@@ -40,6 +40,7 @@ ENCODE_BATCH = 256  # texts of a rank's share tokenized per tokenizer call
 
 def check(spec) -> None:
     """The options a stream cannot serve."""
+    from dsfleet import data
     if spec.synthetic_data:
         fail("--streaming reads a dataset, --synthetic_data makes batches without one — drop one of them")
     if spec.max_steps <= 0:
@@ -47,7 +48,7 @@ def check(spec) -> None:
              "— pass --max_steps N")
     for flag, wanted, file in (("--do_eval", spec.do_eval, spec.validation_file),
                                ("--do_predict", spec.do_predict, spec.test_file)):
-        if wanted and not file and spec.dataset_name != "embedded":
+        if wanted and not file and spec.dataset_name != data.EMBEDDED:
             named = "--validation_file" if flag == "--do_eval" else "--test_file"
             fail(f"{flag} with --streaming reads its split from {named} (only the train split is streamed; "
                  f"evaluation needs a split of known size) — pass {named} FILE, or drop {flag}")
@@ -112,9 +113,8 @@ class StreamRows:
         if self.pairs:
             yield from self._generate_pairs()
             return
-        spec, tok, block = self.spec, self.tokenizer, self.spec.block_size
+        tok, block = self.tokenizer, self.spec.block_size
         eos = tok.eos_token_id
-        column = spec.text_column
         while True:
             start_example, start_token = self.position["example"], self.position["token"]
             # the examples before the position are read again, not tokenized (IterableDataset.skip would skip
@@ -175,8 +175,9 @@ class StreamRows:
     def _encoded_pairs(self, share, start: int) -> Iterator[tuple[int, dict[str, list[int]] | None]]:
         """(example index in the share, its row — None for a pair with an empty side), ENCODE_BATCH pairs to a
         tokenizer call, encoded as the token cache encodes them."""
+        from dsfleet import data
         spec, rows = self.spec, enumerate(share, start=start)
-        langs, prefix = (spec.source_lang, spec.target_lang), spec.source_prefix or ""
+        langs = (spec.source_lang, spec.target_lang)
         while True:
             chunk = list(islice(rows, ENCODE_BATCH))
             if not chunk:
@@ -188,11 +189,10 @@ class StreamRows:
             whole = [(k, row["translation"]) for k, row in chunk
                      if all(str((row["translation"] or {}).get(lang) or "").strip() for lang in langs)]
             if len(whole) < len(chunk):
-                self._say_skipped([k for k, _ in chunk if k not in {w for w, _ in whole}], chunk)
-            src = self.tokenizer([prefix + t[langs[0]] for _, t in whole], max_length=spec.max_source_length,
-                                 truncation=True)["input_ids"] if whole else []
-            tgt = self.tokenizer(text_target=[t[langs[1]] for _, t in whole], max_length=spec.max_target_length,
-                                 truncation=True)["input_ids"] if whole else []
+                kept = {k for k, _ in whole}
+                self._say_skipped([k for k, _ in chunk if k not in kept], chunk)
+            src, tgt = data.encode_pairs(self.tokenizer, [t for _, t in whole], spec.source_prefix, *langs,
+                                         spec.max_source_length, spec.max_target_length)
             encoded = {k: {"input_ids": a, "labels": b} for (k, _), a, b in zip(whole, src, tgt)}
             for k, _ in chunk:
                 yield k, encoded.get(k)
@@ -365,13 +365,14 @@ def prepare_for_run(spec, source, out: Path, denv):
 def held_out_splits(spec, source, out: Path, denv, tokenizer_name: str) -> dict:
     """The validation / test splits a streaming run evaluates on: the token cache's entry for those files alone
     (the same tokenizer, by --tokenizer_name), prepared once per job like a run without --streaming."""
+    from dsfleet import data
     if not (spec.do_eval or spec.do_predict or spec.eval_steps):
         return {}
-    if not (spec.validation_file or spec.test_file or spec.dataset_name == "embedded"):
+    if not (spec.validation_file or spec.test_file or spec.dataset_name == data.EMBEDDED):
         return {}  # --eval_steps alone, no file: nothing to evaluate on (as a run without a validation split)
     from dsfleet import token_cache
-    if spec.dataset_name == "embedded":
-        files = {"dataset_name": "embedded"}
+    if spec.dataset_name == data.EMBEDDED:
+        files = {"dataset_name": data.EMBEDDED}
     else:
         files = {"dataset_name": None, "validation_file": spec.validation_file, "test_file": spec.test_file}
     held_out = spec.model_copy(update={"streaming": False, "do_train": False, "train_file": None, **files,

@@ -276,15 +276,13 @@ def _encode_pairs(task: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray, n
     """Translation rows -> (source ids, their lengths, target ids, their lengths), flat."""
     split, start, stop = task
     tok, w, dtype = _WORK["tokenizer"], _WORK, _WORK["dtype"]
-    pairs = _texts(split, start, stop)
-    prefix = w["prefix"]
-    src = tok([prefix + t[w["source_lang"]] for t in pairs], max_length=w["max_source_length"], truncation=True)
-    tgt = tok(text_target=[t[w["target_lang"]] for t in pairs], max_length=w["max_target_length"], truncation=True)
+    src, tgt = data.encode_pairs(tok, _texts(split, start, stop), w["prefix"], w["source_lang"], w["target_lang"],
+                                 w["max_source_length"], w["max_target_length"])
 
     def flat(seqs):
         lens = np.fromiter(map(len, seqs), dtype=np.uint64, count=len(seqs))
         return np.fromiter(chain.from_iterable(seqs), dtype=dtype, count=int(lens.sum())), lens
-    return (*flat(src["input_ids"]), *flat(tgt["input_ids"]))
+    return (*flat(src), *flat(tgt))
 
 
 def _fault(where: str) -> None:
