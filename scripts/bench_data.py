@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -176,41 +177,94 @@ def prepared_starts(args, results: dict) -> None:
 
 
 def step_times(args, results: dict) -> None:
-    """--step-time: the 2-rank step time on the 58 MB prepared cache, the --src tree against this one, ABAB
-    (--step-time-rounds rounds), each run 200 steps: the median of its logged windows after step 20, as ms a step
-    (tokens of a step / tokens_per_s)."""
-    cache = args.work / "58MB" / "token-cache"
-    flags = ["--train_file", str(args.work / "corpus_58MB.txt"), "--cache_dir", str(cache), "--max_steps", "200",
-             "--logging_steps", "20"]
-    step_tokens = 8 * 2 * 64  # micro batch 8 x 2 ranks x block 64
+    """--step-time: the step time on the 58 MB corpus's prepared cache, --src's tree against this one (and
+    --other-src, or with --without-read-ahead this tree with the batches read at the step), ABAB
+    (--step-time-rounds rounds), each run --step-time-steps steps: the median of its logged windows after the
+    first 10 %, as ms a step (tokens of a step / tokens_per_s). CPU: 2 gpt2_tiny ranks; --gpu: one rank on the
+    first GPU, --step-time-flags' model (default GPT-2 124M, micro-batch 16 x 1024, bf16)."""
+    corpus = make_corpus(args.work / "corpus_58MB.txt", 58)
+    cache = args.work / "58MB" / ("token-cache-gpu" if args.gpu else "token-cache")
+    steps = args.step_time_steps
+    model = shlex.split(args.step_time_flags or (GPU_STEP_FLAGS if args.gpu else ""))
+    flags = ["--train_file", str(corpus), "--cache_dir", str(cache), "--max_steps", str(steps),
+             "--logging_steps", str(max(steps // 10, 1)), *model]
+    micro = int(flag_value([*TRAIN, *model], "--per_device_train_batch_size"))
+    block = int(flag_value(model, "--block_size") or 64)
+    step_tokens = micro * (1 if args.gpu else 2) * block
     out: dict = {}
-    trees = {"src": args.src, "this": REPO / "src", **({"other": args.other_src} if args.other_src else {})}
+    trees = {**({"src": args.src} if args.src.resolve() != (REPO / "src").resolve() else {}), "this": REPO / "src",
+             **({"other": args.other_src} if args.other_src else {})}
+    if args.without_read_ahead:
+        trees["without_read_ahead"] = without_read_ahead(REPO / "src", args.work / "tree-without-read-ahead")
     for round_ in range(args.step_time_rounds):
         for name, src in trees.items():
             run = args.work / f"run-steptime-{name}"
             shutil.rmtree(run, ignore_errors=True)
-            train = [a for a in TRAIN]
-            i = train.index("--max_steps")
-            del train[i:i + 2]
-            i = train.index("--logging_steps")
-            del train[i:i + 2]
-            res = measure(deepspeed_cmd([*train, *flags, "--output_dir", str(run)]), env_with(PYTHONPATH=str(src)),
-                          args.work / f"steptime-{name}.log")
+            train = drop_flags(TRAIN, "--max_steps", "--logging_steps", *[f for f in model if f.startswith("--")])
+            env = gpu_env(PYTHONPATH=str(src)) if args.gpu else env_with(PYTHONPATH=str(src))
+            res = measure(deepspeed_cmd([*train, *flags, "--output_dir", str(run)], gpus=1 if args.gpu else 2,
+                                        module_launcher=args.gpu), env, args.work / f"steptime-{name}.log")
+            if not (run / "metrics.jsonl").is_file():
+                raise SystemExit(f"{name}: no metrics.jsonl (rc {res.get('rc')}; log {res['log']})")
             rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            ms = sorted(1000 * step_tokens / r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 20)
+            ms = sorted(1000 * step_tokens / r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > steps // 10)
             out.setdefault(name, []).append({"median": round(ms[len(ms) // 2], 2), "min": round(ms[0], 2)})
             print(f"round {round_}: {name} ({src}): {out[name][-1]} ms a step ({len(ms)} windows), "
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
-    results.setdefault("step_time", []).append({"unix": time.time(), "src": str(args.src), "ms": out})
+    results.setdefault("step_time", []).append({"unix": time.time(), "src": str(args.src), "gpu": args.gpu,
+                                                "flags": flags, "ms": out})
 
 
-def deepspeed_cmd(args: list[str]) -> list[str]:
+GPU_STEP_FLAGS = "--preset gpt2 --per_device_train_batch_size 16 --block_size 1024 --bf16"
+
+
+def flag_value(argv: list[str], flag: str) -> str | None:
+    return argv[len(argv) - 1 - argv[::-1].index(flag) + 1] if flag in argv else None
+
+
+def drop_flags(argv: list[str], *names: str) -> list[str]:
+    """argv without each named flag and its value (TRAIN's own where the step-time run sets them)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = a not in ("--from_scratch", "--bf16", "--no_progress")
+        else:
+            out.append(a)
+    return out
+
+
+def without_read_ahead(src: Path, dest: Path) -> Path:
+    """A copy of `src` whose PrefetchedBatches reads each batch at the step (the inline read CPU ranks use): the
+    step time of the read-ahead is this tree's against `src`'s."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    data_py = dest / "src" / "dsfleet" / "data.py"
+    text = data_py.read_text()
+    line = "self.ahead = self.pin if ahead is None else ahead"
+    if line not in text:
+        raise SystemExit(f"{data_py}: no `{line}` to switch off — update without_read_ahead()")
+    data_py.write_text(text.replace(line, "self.ahead = False"))
+    return dest / "src"
+
+
+def gpu_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "OMP_NUM_THREADS")}
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra)
+    env["PYTHONPATH"] = ":".join(p for p in (extra.get("PYTHONPATH"), os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+def deepspeed_cmd(args: list[str], gpus: int = 2, module_launcher: bool = False) -> list[str]:
+    """The deepspeed launcher over dsfleet.train (`module_launcher`: through this interpreter, where the venv has no
+    `deepspeed` script, as on the GPU box)."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "dsfleet.train",
-            *args]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner"] if module_launcher else [str(VENV_BIN / "deepspeed")]
+    return [*launcher, "--num_gpus", str(gpus), "--master_port", str(port), "--module", "dsfleet.train", *args]
 
 
 ANCHOR = r'''
@@ -393,8 +447,20 @@ def main() -> int:
                         "prepared cache, --src's tree against this one, alternating")
     parser.add_argument("--step-time-rounds", type=int, default=2)
     parser.add_argument("--other-src", type=Path, default=None, help="with --step-time: a third tree in each round")
+    parser.add_argument("--without-read-ahead", action="store_true", help="with --step-time: also this tree with "
+                        "the batches read at the step (no read-ahead thread, no pinned memory)")
+    parser.add_argument("--gpu", action="store_true", help="with --step-time: one rank on the first GPU")
+    parser.add_argument("--step-time-steps", type=int, default=200)
+    parser.add_argument("--step-time-flags", default=None, help=f"with --step-time: the model's train flags "
+                        f"(--gpu: {GPU_STEP_FLAGS!r})")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    results_path = args.work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if args.step_time:  # no baseline tree needed (nor git: the GPU box's copy has none)
+        step_times(args, results)
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
     rev = args.baseline_rev or subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=REPO, capture_output=True,
                                               text=True, check=True).stdout.strip()
     baseline = args.work / f"baseline-{rev[:10]}"
@@ -402,12 +468,6 @@ def main() -> int:
         baseline.mkdir(parents=True, exist_ok=True)
         archive = subprocess.run(["git", "archive", rev, "src"], cwd=REPO, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
-    results_path = args.work / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    if args.step_time:
-        step_times(args, results)
-        results_path.write_text(json.dumps(results, indent=1) + "\n")
-        return 0
     if args.prepared_only:
         prepared_starts(args, results)
         results_path.write_text(json.dumps(results, indent=1) + "\n")

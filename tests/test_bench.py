@@ -548,6 +548,30 @@ def test_gap_report_finds_the_host_bound_stretch():
     assert "1.00  dsfleet.step" in text and "(the loop: data, logging): 3.0 ms" in text
 
 
+def test_memory_report_names_what_the_peak_holds():
+    """A hand-made allocation trace (the snapshot torch.cuda.memory._snapshot gives): the peak is the moment with
+    the logits and the attention output live, after the MLP's transient was freed; the weights allocated before
+    recording are the difference to max_memory_allocated."""
+    from dsfleet.profiling import memory_report
+    frame = lambda f, n: [{"filename": "/x/torch/autograd/graph.py", "line": 1, "name": "run"},
+                          {"filename": f"/usr/lib/python3/site-packages/transformers/{f}", "line": 7, "name": n}]
+    mib = 2**20
+    ev = [{"action": "alloc", "addr": 1, "size": 100 * mib, "frames": frame("mlp.py", "forward")},
+          {"action": "free_requested", "addr": 1, "size": 100 * mib},
+          {"action": "free_completed", "addr": 1, "size": 100 * mib},
+          {"action": "alloc", "addr": 2, "size": 60 * mib, "frames": frame("attn.py", "forward")},
+          {"action": "alloc", "addr": 3, "size": 80 * mib, "frames": frame("head.py", "logits")},
+          {"action": "alloc", "addr": 4, "size": 30 * mib, "frames": frame("attn.py", "forward")},
+          {"action": "free_completed", "addr": 3, "size": 80 * mib},
+          {"action": "alloc", "addr": 5, "size": 70 * mib, "frames": []}]
+    text = memory_report({"device_traces": [ev]}, max_allocated=1024 * mib + 170 * mib)
+    lines = text.splitlines()
+    assert "live at their highest 0.166 GiB (event 5 of 8" in lines[0] and "the rest, 1.000 GiB" in lines[0]
+    assert lines[2].split() == ["0.088", "2", "transformers/attn.py:7", "forward"]
+    assert lines[3].split() == ["0.078", "1", "transformers/head.py:7", "logits"]
+    assert len(lines) == 4  # the MLP's freed block and the later (lower) allocation are not at the peak
+
+
 def test_any_model_suites_orchestration(tmp_path, monkeypatch):
     """`--suite any_model` on a (pretend) H200 with stand-in launches: the Llama and BART configs are written and
     named by `--config_name` on both sides, the peer runs the shipped JSON and the one-rank-tuned one, the ratio is

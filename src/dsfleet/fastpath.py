@@ -310,6 +310,7 @@ class FastPath:
     skipped: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)  # facts every metrics row carries (e.g. the Mamba scan path)
     warnings: list[str] = field(default_factory=list)   # one line each, printed by rank 0
+    memory_history: bool = False  # DSFLEET_MEMORY_SNAPSHOT=DIR: this rank records its CUDA allocations
 
     def describe(self) -> str:
         text = ", ".join(self.parts) or "off"
@@ -329,12 +330,18 @@ class FastPath:
         if target and rank == 0:
             from dsfleet.profiling import attach_profiler
             attach_profiler(engine, Path(target), total_steps)
+        if self.memory_history:
+            from dsfleet.profiling import attach_memory_snapshot
+            attach_memory_snapshot(engine, Path(os.environ["DSFLEET_MEMORY_SNAPSHOT"]))
 
 
 def apply(model, spec, family: str, zero_stage: int, mamba_scan: "MambaScan | None" = None) -> FastPath:
     """Switch on the fast-path pieces the spec asks for, on a model before deepspeed.initialize; a Mamba's scan is
     the one choose_mamba_scan decided at the start of the run (reported here, not decided again)."""
     fast = FastPath()
+    if os.environ.get("DSFLEET_MEMORY_SNAPSHOT") and int(os.environ.get("RANK", "0")) == 0:
+        from dsfleet.profiling import start_memory_history
+        fast.memory_history = start_memory_history()  # from here: DeepSpeed's states and the steps' allocations
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl:
         fast.parts.append(f"attention {impl}")

@@ -131,3 +131,87 @@ def gap_report(trace: dict, top: int = 40) -> str:
     lines.append("\nlongest gaps (ms, offset from the first step's start):")
     lines += [f"  {(end - start) / 1e3:7.2f} at +{(start - lo) / 1e3:.1f}" for start, end in longest]
     return "\n".join(lines) + "\n"
+
+
+# ---- where the peak's bytes are: DSFLEET_MEMORY_SNAPSHOT=DIR (the bench's --memory-snapshot) ------------------
+SNAPSHOT_STEPS = 2  # the first step allocates the optimizer's state; the second is a steady one
+
+
+def start_memory_history() -> bool:
+    """Record every CUDA allocation from here on (Python stacks), for memory_report(); False where there is no
+    CUDA (a CPU rank's memory is the process's, which this cannot attribute)."""
+    if not torch.cuda.is_available():
+        return False
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="all", stacks="python")
+    return True
+
+
+def attach_memory_snapshot(engine, out: Path) -> None:
+    """After SNAPSHOT_STEPS steps: write memory_peak.txt (memory_report) and the raw snapshot (memory.pickle, for
+    pytorch.org/memory_viz), then stop recording."""
+    out.mkdir(parents=True, exist_ok=True)
+    step, taken = engine.step, [0]
+
+    def snapshotting_step(*args, **kwargs):
+        result = step(*args, **kwargs)
+        taken[0] += 1
+        if taken[0] == SNAPSHOT_STEPS:
+            import pickle
+            snap = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            (out / "memory.pickle").write_bytes(pickle.dumps(snap))
+            (out / "memory_peak.txt").write_text(memory_report(snap, torch.cuda.max_memory_allocated()))
+            print(f"dsfleet: memory snapshot of {SNAPSHOT_STEPS} steps written to {out}", flush=True)
+        return result
+
+    engine.step = snapshotting_step
+
+
+def _site(frames: list[dict]) -> str:
+    """The allocation's first frame in model, DeepSpeed or dsfleet code (not torch's own machinery)."""
+    for f in frames:
+        name = f.get("filename", "")
+        if any(k in name for k in ("/transformers/", "/deepspeed/", "/dsfleet/", "/mamba_ssm/")):
+            short = name.split("/site-packages/")[-1].split("/src/")[-1]
+            return f"{short}:{f.get('line')} {f.get('name')}"
+    for f in frames:
+        if f.get("filename", "").endswith(".py"):
+            return f"{f['filename'].split('/site-packages/')[-1]}:{f.get('line')} {f.get('name')}"
+    return "(no Python frame)"
+
+
+def memory_report(snap: dict, max_allocated: int, top: int = 45) -> str:
+    """Replay the recorded allocations to the highest allocated moment and say which code holds its bytes,
+    grouped by allocation site; bytes allocated before recording began (the model's weights) are one line."""
+    traces = snap.get("device_traces", [[]])
+    events = traces[0] if traces else []
+    live: dict[int, tuple[int, str]] = {}
+    recorded = sum(e["size"] for e in events if e["action"] == "alloc")
+    now = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    peak_index = 0
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], _site(e.get("frames", [])))
+            now += e["size"]
+            if now > peak:
+                peak, peak_index = now, i
+                at_peak = dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            now -= live.pop(e["addr"])[0]
+    before = max_allocated - peak  # allocated before recording started (weights) — if the peak is inside it
+    by_site: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for size, site in at_peak.values():
+        by_site[site][0] += size
+        by_site[site][1] += 1
+    gib = 2**30
+    lines = [f"max_memory_allocated {max_allocated / gib:.3f} GiB; recorded allocations live at their highest "
+             f"{peak / gib:.3f} GiB (event {peak_index} of {len(events)}; {recorded / gib:.1f} GiB allocated in all); "
+             f"the rest, {before / gib:.3f} GiB, was allocated before recording began (the model's weights)",
+             f"{'GiB':>8} {'blocks':>7}  first frame in model / DeepSpeed / dsfleet code"]
+    for site, (size, count) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{size / gib:8.3f} {count:7d}  {site}")
+    rest = sorted(by_site.items(), key=lambda kv: -kv[1][0])[top:]
+    if rest:
+        lines.append(f"{sum(v[0] for _, v in rest) / gib:8.3f} {sum(v[1] for _, v in rest):7d}  ({len(rest)} more sites)")
+    return "\n".join(lines) + "\n"

@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dsfleet_fast_NAME beside the others (repeatable; for tuning)")
     parser.add_argument("--profile", action="store_true",
                         help="profile 3 extra steps after each dsfleet fast run (OUT/profile/NAME/profile.txt)")
+    parser.add_argument("--rows", default=None, metavar="NAME[,NAME]",
+                        help="run only these rows of the suite (e.g. dsfleet_no_compile); the others' checks "
+                             "say not run")
+    parser.add_argument("--memory-snapshot", action="store_true",
+                        help="record rank 0's CUDA allocations over the first 2 steps of each dsfleet run and say "
+                             "which code holds the peak's bytes (OUT/memory/NAME.txt), beside the planner's parts")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per run before it is stopped")
 
 

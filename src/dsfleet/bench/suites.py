@@ -377,7 +377,9 @@ class Bench:
         for c in pl.candidates:
             if (c.zero_stage, c.offload_optimizer, c.offload_param, c.precision, c.gradient_checkpointing,
                     c.micro_batch) == (zero_stage, "none", "none", precision, False, w.micro_batch):
-                return c.gpu["peak"], c.peak_phase
+                parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in c.gpu.items())
+                phases = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in c.phases.items())
+                return c.gpu["peak"], f"{c.peak_phase}; GiB: {parts}; phases: {phases}"
         return None, f"no ZeRO-{zero_stage} candidate at micro-batch {w.micro_batch}"
 
     def check_peak(self, suite: str, result: Result, w: Workload, zero_stage: int) -> None:
@@ -446,14 +448,25 @@ class Bench:
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus),
                 "--master_port", str(free_port())]
 
+    def not_asked(self, suite: str, name: str, tool: str, gpus: int) -> Result | None:
+        """--rows: a row not named is not run (its checks say so); None when it is to run."""
+        rows = getattr(self.args, "rows", None)
+        if not rows or name in rows.split(","):
+            return None
+        return Result(suite, name, tool, gpus, note="not run (--rows)")
+
     def run_dsfleet(self, suite: str, name: str, w: Workload, gpus: int, flags: list[str], config: str,
                     fast: bool = False) -> Result:
+        if (skipped := self.not_asked(suite, name, "dsfleet", gpus)) is not None:
+            return skipped
         run_dir = self.work / suite / name
         shutil.rmtree(run_dir, ignore_errors=True)
         steps = w.steps + (4 if fast and self.args.profile else 0)
         env = dict(self.env)
         if fast and self.args.profile:
             env["DSFLEET_PROFILE"] = str(run_dir / "profile")
+        if getattr(self.args, "memory_snapshot", False):
+            env["DSFLEET_MEMORY_SNAPSHOT"] = str(run_dir / "memory")
         cmd = [*self.launcher(gpus), "--module", "dsfleet.train", *w.model_flags(), "--from_scratch",
                "--synthetic_data", "--per_device_train_batch_size", str(w.micro_batch), *w.shape_flags(),
                "--max_steps", str(steps), "--logging_steps", "1", "--seed", str(w.seed),
@@ -474,6 +487,9 @@ class Bench:
             self.read_dsfleet(result, read_rows(metrics), w, gpus)
         if fast and self.args.profile:
             self.keep_profile(run_dir / "profile", name)
+        if (run_dir / "memory" / "memory_peak.txt").exists():
+            (self.out / "memory").mkdir(exist_ok=True)
+            shutil.copy(run_dir / "memory" / "memory_peak.txt", self.out / "memory" / f"{suite}_{name}.txt")
         retry = None if result.ok or self.cpu else fallback(flags)
         if retry is not None:
             flags, how = retry
@@ -506,6 +522,8 @@ class Bench:
                extra: list[str] | None = None) -> Result:
         """HF Trainer on the workload: with DeepSpeed (`ds_json`) under the deepspeed launcher, without it (None:
         the hf_compiled peer, `extra` its flags) as one plain process on the first GPU."""
+        if (skipped := self.not_asked(suite, name, "hf_trainer", gpus)) is not None:
+            return skipped
         run_dir = self.work / suite / name
         shutil.rmtree(run_dir, ignore_errors=True)
         result_path = run_dir / "result.json"
