@@ -40,6 +40,11 @@ box+=(--platform manylinux2014_x86_64 --platform any)
 # pydantic-core is pinned by pydantic: take the pin from the pydantic wheel's metadata.
 box_wheel() { "${pip[@]}" download -q --no-deps "${box[@]}" -d "$dir" "$@"; }
 box_wheel pydantic annotated-types typing-inspection hjson
+# the token cache and --streaming load raw text through `datasets` (pure Python; the image has pyarrow, pandas,
+# fsspec, xxhash, but neither datasets nor its dill / multiprocess): the versions this venv's tests run
+dver() { "$PYTHON" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }
+box_wheel "datasets$(v=${DATASETS_VERSION:-$(dver datasets)} && [ -n "$v" ] && echo "==$v")" "dill$(v=$(dver dill) && echo "==$v")" \
+  "multiprocess$(v=$(dver multiprocess) && echo "==$v")"
 pyds=("$dir"/pydantic-[0-9]*.whl)
 pyd=${pyds[-1]}
 core_pin=$(unzip -p "$pyd" '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core *\(==[^; ]*\).*/\1/p' | head -1)

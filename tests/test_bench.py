@@ -569,7 +569,10 @@ def test_memory_report_names_what_the_peak_holds():
     assert "live at their highest 0.166 GiB (event 5 of 8" in lines[0] and "the rest, 1.000 GiB" in lines[0]
     assert lines[2].split() == ["0.088", "2", "transformers/attn.py:7", "forward"]
     assert lines[3].split() == ["0.078", "1", "transformers/head.py:7", "logits"]
-    assert len(lines) == 4  # the MLP's freed block and the later (lower) allocation are not at the peak
+    stacks = text.split("largest blocks at the peak")[1].splitlines()
+    assert len(lines) - len(stacks) == 5  # (4 and a blank line) the MLP's freed block and the later (lower) allocation are not at the peak
+    assert stacks[1] == "   0.078 GiB, event 4:" and stacks[3].split() == ["transformers/head.py:7", "logits"]
+    assert [line.split(",")[0].strip() for line in stacks if "event" in line] == ["0.078 GiB", "0.059 GiB", "0.029 GiB"]
 
 
 def test_any_model_suites_orchestration(tmp_path, monkeypatch):

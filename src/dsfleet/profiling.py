@@ -142,7 +142,8 @@ def start_memory_history() -> bool:
     CUDA (a CPU rank's memory is the process's, which this cannot attribute)."""
     if not torch.cuda.is_available():
         return False
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="all", stacks="python")
+    stacks = "all" if os.environ.get("DSFLEET_MEMORY_STACKS") == "all" else "python"  # all: C++ frames too (slow)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, context="all", stacks=stacks)
     return True
 
 
@@ -180,19 +181,19 @@ def _site(frames: list[dict]) -> str:
     return "(no Python frame)"
 
 
-def memory_report(snap: dict, max_allocated: int, top: int = 45) -> str:
+def memory_report(snap: dict, max_allocated: int, top: int = 45, blocks: int = 8, frames: int = 14) -> str:
     """Replay the recorded allocations to the highest allocated moment and say which code holds its bytes,
     grouped by allocation site; bytes allocated before recording began (the model's weights) are one line."""
     traces = snap.get("device_traces", [[]])
     events = traces[0] if traces else []
-    live: dict[int, tuple[int, str]] = {}
+    live: dict[int, tuple[int, str, int]] = {}
     recorded = sum(e["size"] for e in events if e["action"] == "alloc")
     now = peak = 0
-    at_peak: dict[int, tuple[int, str]] = {}
+    at_peak: dict[int, tuple[int, str, int]] = {}
     peak_index = 0
     for i, e in enumerate(events):
         if e["action"] == "alloc":
-            live[e["addr"]] = (e["size"], _site(e.get("frames", [])))
+            live[e["addr"]] = (e["size"], _site(e.get("frames", [])), i)
             now += e["size"]
             if now > peak:
                 peak, peak_index = now, i
@@ -201,7 +202,7 @@ def memory_report(snap: dict, max_allocated: int, top: int = 45) -> str:
             now -= live.pop(e["addr"])[0]
     before = max_allocated - peak  # allocated before recording started (weights) — if the peak is inside it
     by_site: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for size, site in at_peak.values():
+    for size, site, _ in at_peak.values():
         by_site[site][0] += size
         by_site[site][1] += 1
     gib = 2**30
@@ -214,4 +215,9 @@ def memory_report(snap: dict, max_allocated: int, top: int = 45) -> str:
     rest = sorted(by_site.items(), key=lambda kv: -kv[1][0])[top:]
     if rest:
         lines.append(f"{sum(v[0] for _, v in rest) / gib:8.3f} {sum(v[1] for _, v in rest):7d}  ({len(rest)} more sites)")
+    lines.append(f"\nthe {blocks} largest blocks at the peak, with their stacks (innermost first):")
+    for size, _, i in sorted(at_peak.values(), key=lambda v: -v[0])[:blocks]:
+        lines.append(f"{size / gib:8.3f} GiB, event {i}:")
+        lines += [f"           {f.get('filename', '?').split('/site-packages/')[-1]}:{f.get('line')} {f.get('name', '')[:120]}"
+                  for f in events[i].get("frames", [])[:frames]]
     return "\n".join(lines) + "\n"

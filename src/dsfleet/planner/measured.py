@@ -10,11 +10,14 @@ storage's birth to its death. Traced at 1 and 2 layers (encoder and decoder sepa
 micro-batch 1 and 2, the numbers are scaled linearly to the real layer count and micro-batch. On CPU the
 fake trace equals a real CPU run's allocations byte for byte (tests/test_any_model.py checks it against real
 autograd); CUDA's attention kernels keep the same outputs plus an fp32 logsumexp, as CPU's flash kernel does.
+The traced model is the one the run trains: parameters in the run's precision, buffers fp32 (as DeepSpeed's engine
+leaves them), and rows whose positions are not packed (docs/planner.md: both were found with GPU memory snapshots).
 """
 from __future__ import annotations
 
 import json
 import weakref
+from contextlib import contextmanager
 from functools import lru_cache
 
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -102,6 +105,41 @@ def training_step_bytes(model, batch: dict) -> tuple[int, int, int]:
     return saved, fwd_peak, live.peak
 
 
+def as_deepspeed_casts(model, dtype):
+    """The model in the dtypes a run trains it in: built in fp32 (models.build_for_run), then DeepSpeed's bf16/fp16
+    engine casts the parameters and leaves the buffers in fp32 — BART's `final_logits_bias` among them, so its
+    logits, and the loss's log-softmax and their gradients, are fp32 (measured on an H200: three 3.07 GiB blocks at
+    32 x 512 x 50,265 where a bf16 build has 1.53 GiB each: the planner's -17 %). tests/test_any_model.py checks
+    this against DeepSpeed's own engine."""
+    for q in model.parameters():
+        q.data = q.data.to(dtype)
+    return model
+
+
+@contextmanager
+def positions_as_the_run_has_them():
+    """dsfleet's batches are unpadded rows whose positions run 0..n-1 (no sequences packed in one row), which
+    transformers finds out by reading the position ids' values (`masking_utils.find_packed_sequence_indices`: a
+    `.all()` on a tensor). A fake tensor has no values, the trace's branch reads False, and the model then builds
+    an s x s mask per layer and, with a mask, expands GQA's key/value heads (`repeat_kv`) — neither of which the
+    real step allocates (measured on an H200: 160 MiB a layer of a 1.2B Llama at 8 x 2048, the planner's +11.5 %).
+    Inside this, the check answers what it answers for the run's rows: not packed."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    found = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if found is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = found
+
+
 @lru_cache(maxsize=512)
 def trace(config_json: str, seq2seq: bool, layers: tuple[int, ...], micro_batch: int, seq: int, tgt: int,
           precision: str, checkpointing: bool, fused_loss: bool, fused_activation: bool,
@@ -119,9 +157,9 @@ def trace(config_json: str, seq2seq: bool, layers: tuple[int, ...], micro_batch:
     dtype = getattr(torch, PRECISION_DTYPES[precision])
     kwargs = {"attn_implementation": "sdpa"} if getattr(fam.model_cls, "_supports_sdpa", False) else {}
     import warnings
-    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings(), positions_as_the_run_has_them():
         warnings.simplefilter("ignore")  # transformers' deprecation notes, once per trace
-        model = fam.model_cls._from_config(cfg, dtype=dtype, **kwargs).train()
+        model = as_deepspeed_casts(fam.model_cls._from_config(cfg, **kwargs), dtype).train()
         if checkpointing:
             if hasattr(model.config, "use_cache"):
                 model.config.use_cache = False
