@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,26 @@ from dsfleet.cli import fail
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "dsfleet_state.json"
+
+
+@contextmanager
+def saves_without_checksums():
+    """torch.save's zip writer computes a crc32 of every record, single-threaded: a third to a half of a save's time
+    (here: 2 GiB to tmpfs 0.5 GiB/s with it, 2.4 GiB/s without; mamba_7b's 83 GB took 136-154 s on the H200 box),
+    and torch.load never checks it (a flipped byte loads silently, tried). Whether a checkpoint is whole is what
+    the COMPLETE marker and the atomic `latest` say; so dsfleet's saves skip the checksum (torch >= 2.6; older
+    torch: unchanged)."""
+    try:
+        from torch.utils.serialization import config
+        before = config.save.compute_crc32
+    except (ImportError, AttributeError):
+        yield
+        return
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = before
 
 
 def _barrier() -> None:
@@ -105,13 +126,15 @@ def save(engine, root: Path, step: int, state: dict[str, Any], *, rank: int, kee
     if _any_rank(error is not None):
         _give_up(tag_dir, root, rank, error)
     try:
-        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        with saves_without_checksums():
+            engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     except (OSError, RuntimeError) as e:  # torch.save wraps ENOSPC in RuntimeError
         error = e
         _barrier()
     if error is None:
         try:
-            torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+            with saves_without_checksums():
+                torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
         except (OSError, RuntimeError) as e:
             error = e
     _fault_point("kill_in_save", step, rank)
