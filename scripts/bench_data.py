@@ -219,7 +219,9 @@ GPU_STEP_FLAGS = "--preset gpt2 --per_device_train_batch_size 16 --block_size 10
 
 
 def flag_value(argv: list[str], flag: str) -> str | None:
-    return argv[len(argv) - 1 - argv[::-1].index(flag) + 1] if flag in argv else None
+    """The value of the flag's last occurrence (the one the train CLI keeps), or None."""
+    at = [i for i, a in enumerate(argv) if a == flag]
+    return argv[at[-1] + 1] if at else None
 
 
 def drop_flags(argv: list[str], *names: str) -> list[str]:

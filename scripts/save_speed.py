@@ -29,7 +29,8 @@ def main() -> int:
     n = int(args.gib * 2**30 / 3 / 4)
     state = {name: torch.randn(n, device=device) for name in ("fp32_partition", "exp_avg", "exp_avg_sq")}
     state["small"] = [torch.randn(4096, device=device, dtype=torch.bfloat16) for _ in range(200)]
-    size = sum(t.numel() * t.element_size() for t in (*state.values(),) if isinstance(t, torch.Tensor))
+    size = sum(t.numel() * t.element_size() for t in (state["fp32_partition"], state["exp_avg"], state["exp_avg_sq"],
+                                                      *state["small"]))
     path = args.dir / f"save_speed_{os.getpid()}.pt"
     print(f"{size / 2**30:.2f} GiB on {device} -> {path}", flush=True)
     for r in range(args.rounds):

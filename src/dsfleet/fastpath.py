@@ -339,7 +339,8 @@ def apply(model, spec, family: str, zero_stage: int, mamba_scan: "MambaScan | No
     """Switch on the fast-path pieces the spec asks for, on a model before deepspeed.initialize; a Mamba's scan is
     the one choose_mamba_scan decided at the start of the run (reported here, not decided again)."""
     fast = FastPath()
-    if os.environ.get("DSFLEET_MEMORY_SNAPSHOT") and int(os.environ.get("RANK", "0")) == 0:
+    from dsfleet.runtime import global_rank
+    if os.environ.get("DSFLEET_MEMORY_SNAPSHOT") and global_rank() == 0:
         from dsfleet.profiling import start_memory_history
         fast.memory_history = start_memory_history()  # from here: DeepSpeed's states and the steps' allocations
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)

@@ -149,7 +149,8 @@ def mamba_zero3_init(family_name: str, accel):
             dist.broadcast(flag, 0)
         if not flag.item():
             return
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        from dsfleet.runtime import global_rank
+        rank = global_rank()
         for mixer in (m for m in model.modules() if isinstance(m, MambaMixer)):
             with deepspeed.zero.GatheredParameters(list(mixer.parameters()), modifier_rank=0):
                 if rank == 0:

@@ -186,23 +186,27 @@ def memory_report(snap: dict, max_allocated: int, top: int = 45, blocks: int = 8
     grouped by allocation site; bytes allocated before recording began (the model's weights) are one line."""
     traces = snap.get("device_traces", [[]])
     events = traces[0] if traces else []
-    live: dict[int, tuple[int, str, int]] = {}
     recorded = sum(e["size"] for e in events if e["action"] == "alloc")
-    now = peak = 0
-    at_peak: dict[int, tuple[int, str, int]] = {}
-    peak_index = 0
-    for i, e in enumerate(events):
-        if e["action"] == "alloc":
-            live[e["addr"]] = (e["size"], _site(e.get("frames", [])), i)
-            now += e["size"]
-            if now > peak:
-                peak, peak_index = now, i
-                at_peak = dict(live)
-        elif e["action"] == "free_completed" and e["addr"] in live:
-            now -= live.pop(e["addr"])[0]
+
+    def replay(upto: int) -> tuple[dict[int, int], int, int]:
+        """The blocks live after event `upto` (addr -> event index), and the highest total and its event."""
+        live: dict[int, int] = {}
+        now = peak = peak_index = 0
+        for i, e in enumerate(events[:upto + 1]):
+            if e["action"] == "alloc":
+                live[e["addr"]] = i
+                now += e["size"]
+                if now > peak:
+                    peak, peak_index = now, i
+            elif e["action"] == "free_completed" and e["addr"] in live:
+                now -= events[live.pop(e["addr"])]["size"]
+        return live, peak, peak_index
+
+    _, peak, peak_index = replay(len(events) - 1)
+    at_peak = [(events[i]["size"], _site(events[i].get("frames", [])), i) for i in replay(peak_index)[0].values()]
     before = max_allocated - peak  # allocated before recording started (weights) — if the peak is inside it
     by_site: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for size, site, _ in at_peak.values():
+    for size, site, _ in at_peak:
         by_site[site][0] += size
         by_site[site][1] += 1
     gib = 2**30
@@ -210,13 +214,14 @@ def memory_report(snap: dict, max_allocated: int, top: int = 45, blocks: int = 8
              f"{peak / gib:.3f} GiB (event {peak_index} of {len(events)}; {recorded / gib:.1f} GiB allocated in all); "
              f"the rest, {before / gib:.3f} GiB, was allocated before recording began (the model's weights)",
              f"{'GiB':>8} {'blocks':>7}  first frame in model / DeepSpeed / dsfleet code"]
-    for site, (size, count) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:top]:
+    ranked = sorted(by_site.items(), key=lambda kv: -kv[1][0])
+    for site, (size, count) in ranked[:top]:
         lines.append(f"{size / gib:8.3f} {count:7d}  {site}")
-    rest = sorted(by_site.items(), key=lambda kv: -kv[1][0])[top:]
+    rest = ranked[top:]
     if rest:
         lines.append(f"{sum(v[0] for _, v in rest) / gib:8.3f} {sum(v[1] for _, v in rest):7d}  ({len(rest)} more sites)")
     lines.append(f"\nthe {blocks} largest blocks at the peak, with their stacks (innermost first):")
-    for size, _, i in sorted(at_peak.values(), key=lambda v: -v[0])[:blocks]:
+    for size, _, i in sorted(at_peak, key=lambda v: -v[0])[:blocks]:
         lines.append(f"{size / gib:8.3f} GiB, event {i}:")
         lines += [f"           {f.get('filename', '?').split('/site-packages/')[-1]}:{f.get('line')} {f.get('name', '')[:120]}"
                   for f in events[i].get("frames", [])[:frames]]

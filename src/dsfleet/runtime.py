@@ -73,6 +73,13 @@ def start_process_group(accel, local_rank: int, memory_fraction: float | None, t
     dist_env.release_cpu_allreduce_segment()
 
 
+def global_rank() -> int:
+    """This process's rank in the job once the process group is up (whatever launched it: srun and mpirun set
+    no RANK), else 0."""
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def seed_everything(seed: int) -> None:
     import random
 

@@ -450,8 +450,7 @@ class Bench:
 
     def not_asked(self, suite: str, name: str, tool: str, gpus: int) -> Result | None:
         """--rows: a row not named is not run (its checks say so); None when it is to run."""
-        rows = getattr(self.args, "rows", None)
-        if not rows or name in rows.split(","):
+        if not self.args.rows or name in self.args.rows.split(","):
             return None
         return Result(suite, name, tool, gpus, note="not run (--rows)")
 
@@ -465,7 +464,7 @@ class Bench:
         env = dict(self.env)
         if fast and self.args.profile:
             env["DSFLEET_PROFILE"] = str(run_dir / "profile")
-        if getattr(self.args, "memory_snapshot", False):
+        if self.args.memory_snapshot:
             env["DSFLEET_MEMORY_SNAPSHOT"] = str(run_dir / "memory")
         cmd = [*self.launcher(gpus), "--module", "dsfleet.train", *w.model_flags(), "--from_scratch",
                "--synthetic_data", "--per_device_train_batch_size", str(w.micro_batch), *w.shape_flags(),
