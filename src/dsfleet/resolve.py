@@ -103,7 +103,24 @@ def resolve(spec, source, hardware: Hardware, total_steps: int | None = None) ->
     if precision_note:
         notes.append(precision_note)
     _set(spec, fp16=bool(config.get("fp16", {}).get("enabled")), bf16=bool(config.get("bf16", {}).get("enabled")))
+    spec.cuda_graphs = _cuda_graphs(spec, source, hardware, stage)
     return Resolved(spec, config, stage, hardware, notes)
+
+
+def _cuda_graphs(spec, source, hardware: Hardware, stage: int) -> str:
+    """Whether the compiled blocks replay as CUDA graphs: "on" or "off", decided here once. A CUDA graph replays
+    fixed kernels on fixed addresses, so it needs compiled blocks on a GPU and a step that calls each block once
+    forward and once backward: no gradient checkpointing (its recompute calls the block again inside backward),
+    not ZeRO-3 (its hooks gather and free parameters around each block), not Mamba (its scan kernels are
+    custom autograd functions the graph would break on)."""
+    why_not = ("it needs --compile true" if not spec.compile else
+               "it needs CUDA GPUs" if hardware.cpu else
+               "not with ZeRO-3" if stage == 3 else
+               "not with gradient checkpointing" if spec.gradient_checkpointing else
+               "not for Mamba" if getattr(source, "family", None) == "mamba" else None)
+    if spec.cuda_graphs == "on" and why_not:
+        fail(f"--cuda_graphs on: {why_not} — use --cuda_graphs auto, which turns it on where it applies")
+    return "off" if why_not or spec.cuda_graphs == "off" else "on"
 
 
 def _set(spec, **values) -> None:

@@ -142,6 +142,10 @@ class RunSpec(BaseModel):
                              "full fp32 logits (ZeRO 0-2)")
     fused_activation: bool = Field(True, description="GPT-2's gelu_new as the one-kernel tanh GELU (same formula)")
     compile: bool = Field(False, description="torch.compile of each repeated block (ZeRO 0-2)")
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="with --compile: replay each compiled block as a CUDA graph (torch.compile's "
+        "reduce-overhead mode: no per-kernel launches from the host); auto: on for CUDA runs at ZeRO 0-2 without "
+        "gradient checkpointing, except Mamba")
     fused_grad_checks: bool = Field(True, description="ZeRO-1/2's per-tensor overflow check and clip norm as "
                                     "multi-tensor kernels")
     mamba_kernels: Literal["auto", "on", "off"] = Field(
@@ -203,6 +207,8 @@ class RunSpec(BaseModel):
             raise ValueError(f"offload_param={self.offload_param} needs ZeRO stage 3 (got zero={self.zero}) — use --zero 3")
         if "nvme" in (self.offload_optimizer, self.offload_param) and not self.nvme_path:
             raise ValueError("NVMe offload needs --nvme_path — pass --nvme_path DIR on a fast local disk")
+        if self.cuda_graphs == "on" and not self.compile:
+            raise ValueError("--cuda_graphs on replays the compiled blocks: it needs --compile true")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"--max_steps {self.max_steps} is not a step count — pass a positive number of optimizer "
                              "steps, or -1 (the default) to train --num_train_epochs")

@@ -7,7 +7,7 @@ import argparse
 import re
 import shutil
 
-from dsfleet.bench.suites import SUITES, Bench
+from dsfleet.bench.suites import ROWS, SUITES, Bench, is_row_name
 from dsfleet.cli import fail
 
 
@@ -42,6 +42,10 @@ def run(args) -> int:
         name, sep, _ = spec.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", name):
             fail(f"--variant {spec!r} is not NAME=FLAGS — e.g. --variant nochecks='--fused_grad_checks false'")
+    for name in args.rows.split(",") if args.rows else []:
+        if not is_row_name(name, args.variant):
+            fail(f"--rows: no suite has a row {name!r} — rows: {', '.join(ROWS)}, dsfleet_fast_<N>gpu (scaling), "
+                 "dsfleet_fast_<NAME> (--variant)")
     if args.warmup is not None and args.steps is not None and not 1 <= args.warmup < args.steps:
         fail("need 1 <= --warmup < --steps — the timed window starts after a warm step")
     bench = Bench(args)

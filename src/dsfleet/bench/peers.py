@@ -118,6 +118,8 @@ def run_plain_loop(bench, suite: str, name: str, w, config: str):
     from dsfleet.bench.report import Result
     from dsfleet.bench.runner import last_step, read_rows
     import shutil
+    if (skipped := bench.not_asked(suite, name, "plain_pytorch", 1)) is not None:
+        return skipped
     run_dir = bench.work / suite / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "dsfleet.bench.peers", "--preset", w.preset, "--output_dir", str(run_dir),

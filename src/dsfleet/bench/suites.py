@@ -60,6 +60,12 @@ from dsfleet.bench.report import Report, Result, environment, median_ratio
 from dsfleet.bench.runner import free_port, gpu_query, last_error, last_step, read_rows, source_env, step_seconds
 from dsfleet.cli import fail
 
+# every row a suite can run (the names --rows takes), beside dsfleet_fast_<N>gpu (scaling) and dsfleet_fast_<NAME>
+# (--variant NAME=...); Bench.asked asserts each run's name is one of them
+ROWS = ("hf_trainer_zero2", "hf_trainer_zero2_tuned", "hf_trainer_zero3_seed", "hf_compiled", "plain_compiled",
+        "dsfleet_plain", "dsfleet_fast", "dsfleet_fast_relaunch", "dsfleet_planner", "dsfleet_planner_relaunch",
+        "dsfleet_best", "dsfleet_kernels", "dsfleet_kernels_short", "dsfleet_pytorch_scan_short", "dsfleet_no_compile",
+        "dsfleet_zero2")
 SUITES = ("gpt2_xl", "t5_3b", "scaling", "mamba", "llama", "bart_large", "any_model", "all", "cpu_smoke", "cpu_llama")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
                     "A800": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16 per device, vendor spec sheets
@@ -147,7 +153,7 @@ class Bench:
     def run_suite(self, suite: str) -> int:
         if not self.cpu:
             self.prebuild("FusedAdamBuilder", wait=True)  # every GPU run uses FusedAdam: compiled once, untimed
-            if suite in ("t5_3b", "all"):
+            if suite in ("t5_3b", "all") and self.asked("hf_trainer_zero3_seed"):
                 self.prebuild("CPUAdamBuilder", wait=False)  # only the ZeRO-3 offload baseline needs it
         suites = {"all": ["gpt2_xl", "t5_3b", "scaling"], "any_model": ["llama", "bart_large"]}.get(suite, [suite])
         for name in suites:
@@ -448,9 +454,14 @@ class Bench:
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus),
                 "--master_port", str(free_port())]
 
+    def asked(self, name: str) -> bool:
+        """Whether --rows (when given) names this row."""
+        assert is_row_name(name, self.args.variant), f"row {name!r} is missing from ROWS"
+        return not self.args.rows or name.removesuffix("_retry") in self.args.rows.split(",")
+
     def not_asked(self, suite: str, name: str, tool: str, gpus: int) -> Result | None:
         """--rows: a row not named is not run (its checks say so); None when it is to run."""
-        if not self.args.rows or name in self.args.rows.split(","):
+        if self.asked(name):
             return None
         return Result(suite, name, tool, gpus, note="not run (--rows)")
 
@@ -605,6 +616,13 @@ class Bench:
                 import gzip
                 with open(src / "trace.json", "rb") as f_in, gzip.open(dest / "trace.json.gz", "wb") as f_out:
                     shutil.copyfileobj(f_in, f_out)
+
+
+def is_row_name(name: str, variants: list[str]) -> bool:
+    """A row some suite runs (ROWS), a scaling row or a --variant's row; a retry keeps its row's name."""
+    name = name.removesuffix("_retry")
+    return (name in ROWS or re.fullmatch(r"dsfleet_fast_\d+gpu", name) is not None
+            or name in {f"dsfleet_fast_{v.partition('=')[0]}" for v in variants})
 
 
 def fallback(flags: list[str]) -> tuple[list[str], str] | None:
