@@ -96,5 +96,6 @@ def test_cuda_graphs_are_decided_once_where_a_graph_can_replay():
     assert resolved([*gpt2, "--compile", "true", "--zero", "2"], cpu=True).spec.cuda_graphs == "off"
     assert resolved(["--preset", "mamba_tiny", "--from_scratch", "--bf16", "--compile", "true", "--zero", "2"]
                     ).spec.cuda_graphs == "off"
-    assert resolved(["--preset", "t5_tiny", "--from_scratch", "--bf16", "--compile", "true", "--zero", "auto"]
-                    ).spec.cuda_graphs == "on"  # the planner's stage for a tiny T5 on 40 GiB: 0-2, no checkpointing
+    t5 = ["--preset", "t5_tiny", "--from_scratch", "--bf16", "--compile", "true", "--zero", "auto"]
+    assert resolved([*t5, "--synthetic_data"]).spec.cuda_graphs == "on"  # planned ZeRO 0-2, no checkpointing
+    assert resolved(t5).spec.cuda_graphs == "off"  # real rows: padded to each batch's longest

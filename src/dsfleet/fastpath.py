@@ -283,9 +283,12 @@ def compile_blocks(model, cuda_graphs: bool = False) -> int:
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit if "accumulated" not in name else 512))
     mode = "reduce-overhead" if cuda_graphs else None
-    if cuda_graphs:
+    if cuda_graphs:  # the batches have one shape (resolve._cuda_graphs): a static graph for each way a block is
+        # called (T5's encoder and decoder call one forward with different masks), not one dynamic graph, which
+        # CUDA graphs skip; a dynamic one that still arises runs compiled without a graph
         import torch._inductor.config as inductor_config
-        inductor_config.triton.cudagraph_skip_dynamic_graphs = True  # a graph per length would pile up memory
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        inductor_config.triton.cudagraph_skip_dynamic_graphs = True
     blocks = repeated_blocks(model)
     for block in blocks:
         block.compile(backend=backend, mode=mode)  # in place: parameter names and the state dict are unchanged

@@ -112,12 +112,15 @@ def _cuda_graphs(spec, source, hardware: Hardware, stage: int) -> str:
     fixed kernels on fixed addresses, so it needs compiled blocks on a GPU and a step that calls each block once
     forward and once backward: no gradient checkpointing (its recompute calls the block again inside backward),
     not ZeRO-3 (its hooks gather and free parameters around each block), not Mamba (its scan kernels are
-    custom autograd functions the graph would break on)."""
+    custom autograd functions the graph would break on), and batches of one shape: causal LMs' packed blocks or
+    synthetic rows, not seq2seq rows padded per batch (each new length would record new graphs)."""
     why_not = ("it needs --compile true" if not spec.compile else
                "it needs CUDA GPUs" if hardware.cpu else
                "not with ZeRO-3" if stage == 3 else
                "not with gradient checkpointing" if spec.gradient_checkpointing else
-               "not for Mamba" if getattr(source, "family", None) == "mamba" else None)
+               "not for Mamba" if getattr(source, "family", None) == "mamba" else
+               "seq2seq batches are padded to each batch's longest row (a new length each step); with "
+               "--synthetic_data every batch has the same shape" if source.seq2seq and not spec.synthetic_data else None)
     if spec.cuda_graphs == "on" and why_not:
         fail(f"--cuda_graphs on: {why_not} — use --cuda_graphs auto, which turns it on where it applies")
     return "off" if why_not or spec.cuda_graphs == "off" else "on"
