@@ -84,18 +84,20 @@ def test_a_2x8_render_is_planned_as_2_nodes_of_8():
 
 
 def test_cuda_graphs_are_decided_once_where_a_graph_can_replay():
-    """--cuda_graphs auto becomes on or off in the effective spec: on for compiled blocks on GPUs at ZeRO 0-2, off
+    """--cuda_graphs (off unless asked) auto becomes on or off in the effective spec: on for compiled blocks on GPUs at ZeRO 0-2, off
     wherever a block is not called once forward and once backward a step (checkpointing, ZeRO-3), off for Mamba's
     custom scan, off on CPU ranks and without --compile; fastpath only reads the answer."""
-    gpt2 = ["--preset", "gpt2_tiny", "--from_scratch", "--bf16"]
+    gpt2 = ["--preset", "gpt2_tiny", "--from_scratch", "--bf16", "--cuda_graphs", "auto"]
+    assert resolved(gpt2[:-2] + ["--compile", "true", "--zero", "2"]).spec.cuda_graphs == "off"  # the default: off
     assert resolved([*gpt2, "--compile", "true", "--zero", "2"]).spec.cuda_graphs == "on"
     assert resolved([*gpt2, "--compile", "true", "--zero", "2", "--cuda_graphs", "off"]).spec.cuda_graphs == "off"
     assert resolved([*gpt2, "--zero", "2"]).spec.cuda_graphs == "off"  # not compiled
     assert resolved([*gpt2, "--compile", "true", "--zero", "3"]).spec.cuda_graphs == "off"
     assert resolved([*gpt2, "--compile", "true", "--zero", "2", "--gradient_checkpointing"]).spec.cuda_graphs == "off"
     assert resolved([*gpt2, "--compile", "true", "--zero", "2"], cpu=True).spec.cuda_graphs == "off"
-    assert resolved(["--preset", "mamba_tiny", "--from_scratch", "--bf16", "--compile", "true", "--zero", "2"]
-                    ).spec.cuda_graphs == "off"
-    t5 = ["--preset", "t5_tiny", "--from_scratch", "--bf16", "--compile", "true", "--zero", "auto"]
+    assert resolved(["--preset", "mamba_tiny", "--from_scratch", "--bf16", "--compile", "true", "--zero", "2",
+                     "--cuda_graphs", "auto"]).spec.cuda_graphs == "off"
+    t5 = ["--preset", "t5_tiny", "--from_scratch", "--bf16", "--compile", "true", "--zero", "auto", "--cuda_graphs",
+          "auto"]
     assert resolved([*t5, "--synthetic_data"]).spec.cuda_graphs == "on"  # planned ZeRO 0-2, no checkpointing
     assert resolved(t5).spec.cuda_graphs == "off"  # real rows: padded to each batch's longest

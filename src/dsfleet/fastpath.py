@@ -275,7 +275,10 @@ def compile_blocks(model, cuda_graphs: bool = False) -> int:
     """torch.compile of each repeated block, in place; with `cuda_graphs`, in reduce-overhead mode: each block's
     forward and backward kernels replay as one CUDA graph per layer (inductor's CUDA graph trees), so a step
     bound by the host launching thousands of small kernels (T5-3B at micro-batch 16) runs at the device's pace.
-    A block whose shapes vary from call to call (dynamic shapes) runs compiled without a graph."""
+    Only for batches of one shape (resolve._cuda_graphs): each new shape records new graphs. This is exactly the
+    configuration measured on one H200 (docs/benchmarks.md, "CUDA graphs"): T5-3B at 16 x (128 + 128) 25.5k
+    tokens/s against 16.3-16.9k without; with dynamo's static shapes, the dynamic-graph skip and a step mark per
+    forward added it measured 18.3k, so none of those is here."""
     import torch._dynamo
     backend = os.environ.get("DSFLEET_COMPILE_BACKEND", "inductor")
     limit = 64  # every layer hits the first layer's graph; headroom for layer-0 / encoder / decoder variants
@@ -283,12 +286,6 @@ def compile_blocks(model, cuda_graphs: bool = False) -> int:
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit if "accumulated" not in name else 512))
     mode = "reduce-overhead" if cuda_graphs else None
-    if cuda_graphs:  # the batches have one shape (resolve._cuda_graphs): a static graph for each way a block is
-        # called (T5's encoder and decoder call one forward with different masks), not one dynamic graph, which
-        # CUDA graphs skip; a dynamic one that still arises runs compiled without a graph
-        import torch._inductor.config as inductor_config
-        torch._dynamo.config.automatic_dynamic_shapes = False
-        inductor_config.triton.cudagraph_skip_dynamic_graphs = True
     blocks = repeated_blocks(model)
     for block in blocks:
         block.compile(backend=backend, mode=mode)  # in place: parameter names and the state dict are unchanged
@@ -322,7 +319,6 @@ class FastPath:
     tags: dict[str, str] = field(default_factory=dict)  # facts every metrics row carries (e.g. the Mamba scan path)
     warnings: list[str] = field(default_factory=list)   # one line each, printed by rank 0
     memory_history: bool = False  # DSFLEET_MEMORY_SNAPSHOT=DIR: this rank records its CUDA allocations
-    cuda_graphs: bool = False  # the compiled blocks replay as CUDA graphs
 
     def describe(self) -> str:
         text = ", ".join(self.parts) or "off"
@@ -338,8 +334,6 @@ class FastPath:
                 self.skipped.append(f"multi-tensor gradient checks ({why_not})")
             else:
                 self.parts.append("multi-tensor gradient checks")
-        if self.cuda_graphs:
-            engine.forward = _new_step_for_cuda_graphs(engine.forward)
         target = os.environ.get("DSFLEET_PROFILE")
         if target and rank == 0:
             from dsfleet.profiling import attach_profiler
@@ -347,16 +341,6 @@ class FastPath:
         if self.memory_history:
             from dsfleet.profiling import attach_memory_snapshot
             attach_memory_snapshot(engine, Path(os.environ["DSFLEET_MEMORY_SNAPSHOT"]))
-
-
-def _new_step_for_cuda_graphs(forward):
-    """The engine's forward, first telling the CUDA graph trees a new step begins: the graphs' outputs from the
-    step before (consumed by its backward) may be overwritten now, so replays take the fast path instead of
-    checking for pending backwards (an instance attribute: shadows the engine's method)."""
-    def call(*args, **kwargs):
-        torch.compiler.cudagraph_mark_step_begin()
-        return forward(*args, **kwargs)
-    return call
 
 
 def apply(model, spec, family: str, zero_stage: int, mamba_scan: "MambaScan | None" = None) -> FastPath:
@@ -391,10 +375,10 @@ def apply(model, spec, family: str, zero_stage: int, mamba_scan: "MambaScan | No
             fast.parts.append(f"ZeRO-3 gathers for {gather_mamba_mixer_weights(model)} Mamba mixers the weights they "
                               "read directly")
     if spec.compile:
-        fast.cuda_graphs = spec.cuda_graphs == "on"  # resolve decided it (resolve._cuda_graphs)
-        compiled = compile_blocks(model, fast.cuda_graphs)
+        cuda_graphs = spec.cuda_graphs == "on"  # resolve decided it (resolve._cuda_graphs)
+        compiled = compile_blocks(model, cuda_graphs)
         if compiled:
-            fast.parts.append(f"torch.compile of {compiled} blocks" + (" as CUDA graphs" if fast.cuda_graphs else ""))
+            fast.parts.append(f"torch.compile of {compiled} blocks" + (" as CUDA graphs" if cuda_graphs else ""))
         else:
             fast.skipped.append(f"torch.compile ({type(model).__name__} has no ModuleList of repeated blocks)")
         if "fused chunked cross-entropy" in fast.parts:

@@ -143,9 +143,10 @@ class RunSpec(BaseModel):
     fused_activation: bool = Field(True, description="GPT-2's gelu_new as the one-kernel tanh GELU (same formula)")
     compile: bool = Field(False, description="torch.compile of each repeated block (ZeRO 0-2)")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
-        "auto", description="with --compile: replay each compiled block as a CUDA graph (torch.compile's "
+        "off", description="with --compile: replay each compiled block as a CUDA graph (torch.compile's "
         "reduce-overhead mode: no per-kernel launches from the host); auto: on for CUDA runs at ZeRO 0-2 without "
-        "gradient checkpointing, except Mamba")
+        "gradient checkpointing whose batches have one shape (packed causal-LM blocks, synthetic rows), except "
+        "Mamba. Off by default until its loss curve is checked on a GPU (docs/benchmarks.md)")
     fused_grad_checks: bool = Field(True, description="ZeRO-1/2's per-tensor overflow check and clip norm as "
                                     "multi-tensor kernels")
     mamba_kernels: Literal["auto", "on", "off"] = Field(
