@@ -197,6 +197,8 @@ CASES = [
          "--zero 5"),
     Case("bench-variant-no-name", "bench", ("bench", "--suite", "cpu_smoke", "--out", OUT, "--variant", "--fused_loss false"),
          "is not NAME=FLAGS"),
+    Case("bench-unknown-row", "bench", ("bench", "--suite", "cpu_smoke", "--out", OUT, "--rows", "dsfleet_plan"),
+         "--rows: no suite has a row 'dsfleet_plan'"),
     # ---- data holes and sizes the model or the data cannot fill (issue 16) ------------------------------------
     Case("csv-empty-text-cell", "dataset", ("train", *GPT_DATA, "--train_file", "train.csv"),
          "--train_file train.csv row 2: the 'text' cell is empty", files={"train.csv": "text,label\nhello there,1\n,2\n"}),
