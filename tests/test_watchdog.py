@@ -24,10 +24,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 HEARTBEAT = 10  # s: --heartbeat_timeout of these runs
 GRACE = 8  # s on top: one beat interval, a store round trip, interpreter exit
+# The fault must land mid-run on any machine: a checkpoint every 0.6 s of training and steps enough that no CPU
+# finishes them before the first one (CI once ran 120 steps inside a 3 s interval: both ranks ended untouched).
+STEPS = 400
 ARGS = ["--preset", "t5_tiny", "--from_scratch", "--dataset_name", "embedded", "--logging_steps", "1",
         "--per_device_train_batch_size", "8", "--seed", "11", "--report_to", "jsonl", "--zero", "2",
-        "--max_steps", "120", "--save_interval_minutes", "0.05", "--heartbeat_timeout", str(HEARTBEAT),
-        "--dist_timeout", "600", "--no_progress"]
+        "--max_steps", str(STEPS), "--save_interval_minutes", "0.01", "--save_total_limit", "2",
+        "--heartbeat_timeout", str(HEARTBEAT), "--dist_timeout", "600", "--no_progress"]
 
 
 def start_ranks(out, tmp_path):
@@ -93,7 +96,7 @@ def test_a_stopped_or_killed_rank_ends_its_peer_with_one_line_and_the_run_resume
     assert f"resumed from {out}/checkpoints/step_{saved} at step {saved}" in resumed.stdout, explain(resumed)
     assert "has sent no heartbeat" not in resumed.stdout + resumed.stderr  # a finished run is no lost peer
     curve = losses(out)
-    assert max(curve) == 120 and sorted(curve) == list(range(1, 121))
+    assert max(curve) == STEPS and sorted(curve) == list(range(1, STEPS + 1))
     again = {s: (first[s], curve[s]) for s in range(saved + 1, reached + 1)
              if abs(first[s] - curve[s]) > 1e-4 * abs(first[s]) + 1e-6}
     assert not again, f"the resumed run departs from the first one after step {saved}: {again}"
