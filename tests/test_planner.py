@@ -355,9 +355,17 @@ DS_PROBE = textwrap.dedent(r'''
             for a, b in zip(self.a, self.b):
                 x = x + b(torch.relu(a(x)))
             return x.float().pow(2).mean()
+    import deepspeed.runtime.zero.stage3 as stage3
+    staged = []  # bytes ZeRO-3's optimizer init hands to `defragment` (the real one still runs)
+    real_defragment = stage3.defragment
+    def spy(tensors):
+        staged.append(sum(t.numel() * t.element_size() for t in tensors))
+        return real_defragment(tensors)
+    stage3.defragment = spy
     results = {}
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     for stage in (2, 3):
+        staged.clear()
         cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
                "gradient_clipping": 1.0, "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True,
                "steps_per_print": 10**9,
@@ -382,7 +390,7 @@ DS_PROBE = textwrap.dedent(r'''
                 engine.step()
                 marks[f"after_step{step}"] = live.live
             marks["peak"] = live.peak
-        results[stage] = {"n": n, **marks}
+        results[stage] = {"n": n, "staged": sum(staged), **marks}
     print("RESULT", json.dumps(results))
 ''')
 
@@ -417,6 +425,50 @@ def test_zero_phases_match_deepspeed_allocations(stage, ds_probe):
     assert r["after_backward2"] == pytest.approx(resident + (2 * n if stage == 2 else 0), rel=0.01)
     assert r["peak"] == pytest.approx(phases["optimizer step"], rel=0.02), (r, phases)
     assert r["init"] == pytest.approx(phases["init"], rel=0.02), (r, phases)
+
+
+def test_zero3_stages_each_ranks_16bit_partition_through_the_host(ds_probe):
+    """The host side of ZeRO-3 without offload (mamba_7b on one H200: 14.4 GiB peak RSS against the 1.4 GiB of
+    DeepSpeed's estimator, which counts zero.Init's buffers only): at optimizer init DeepSpeed hands the rank's whole
+    16-bit partition to `defragment`, which copies it into a buffer it allocates on the host whatever device holds
+    it. The planner counts that (planner.zero3_host_staging_bytes), checks it against the host's memory, and the
+    rendered pods' memory limit carries it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from deepspeed.runtime.zero.utils import defragment
+    n = ds_probe["3"]["n"]
+    assert ds_probe["3"]["staged"] == P.zero3_host_staging_bytes(n, 3, "none", "bf16", 1, 1) == 2 * n
+    assert ds_probe["2"]["staged"] == 0
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided):
+                self.seen.append(((kwargs or {}).get("device"), list(args[0])))
+            return func(*args, **(kwargs or {}))
+
+    on_device = [torch.empty(1000, dtype=torch.bfloat16, device="meta"), torch.empty(24, dtype=torch.bfloat16,
+                                                                                   device="meta")]
+    allocations = Allocations()
+    with allocations, contextlib.suppress(NotImplementedError):  # a meta tensor has no data to copy out
+        defragment(on_device)
+    assert allocations.seen[0] == (torch.device("cpu"), [1024]), allocations.seen
+
+    # mamba_7b on 1 x H200 + 128 GiB: the plan's host figure is the staging, 2 bytes a parameter, which is 90 % of the
+    # rank's measured 14.4 GiB (the rest is the process itself: interpreter, libraries, CUDA's host side)
+    plan = P.plan(preset="mamba_7b", gpus=1, gpu_mem_bytes=139 * GiB, cpu_mem_bytes=128 * GiB, precision="bf16",
+                  seq_len=2048)
+    assert plan.best.zero_stage == 3 and plan.best.offload == "none"
+    assert plan.best.cpu_bytes_per_node == 2 * plan.n_params
+    assert 0.85 * 14.4 * GiB < plan.best.cpu_bytes_per_node < 14.4 * GiB
+    # a host too small for the staging rules ZeRO-3 without offload out, with the reason
+    small = P.plan(preset="mamba_7b", gpus=1, gpu_mem_bytes=139 * GiB, cpu_mem_bytes=8 * GiB, precision="bf16",
+                   seq_len=2048, zero_stages=[3])
+    no_offload = [c for c in small.candidates if c.offload == "none"]
+    assert no_offload and not any(c.fits for c in no_offload)
+    assert all("CPU/node" in c.why_not for c in no_offload if c.fits_gpu)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -490,13 +542,15 @@ def test_two_nodes_of_8_gpus_are_planned_as_two_nodes_not_one_of_16(monkeypatch)
     # the inter-node link is slower: every collective costs more across two nodes
     assert all(a.cost_terms["communication"] > b.cost_terms["communication"] for a, b in both)
     # host memory per node (DeepSpeed's estimators, x1.5): ZeRO-3 optimizer offload keeps 16 B/param over the
-    # nodes, so each of 2 nodes holds half; without offload each of a node's 8 ranks (not 16) builds its largest layer
+    # nodes, so each of 2 nodes holds half; without offload each of a node's 8 ranks (not 16) stages its 16-bit
+    # partition through the host at optimizer init (more than the largest layer zero.Init builds, for t5_3b)
     shape = P.model_shape("t5_3b")
     offload = [(a, b) for a, b in both if (a.zero_stage, a.offload) == (3, "optimizer->cpu")]
     assert offload and all(a.cpu_bytes_per_node == int(shape.n_params * 16 / 2 * 1.5) for a, _ in offload)
     assert all(b.cpu_bytes_per_node == int(shape.n_params * 16 * 1.5) for _, b in offload)
     zero3 = [(a, b) for a, b in both if (a.zero_stage, a.offload) == (3, "none")]
-    assert zero3 and all(a.cpu_bytes_per_node == int(shape.largest_layer * 4 * 8 * 1.5) for a, _ in zero3)
+    assert zero3 and all(a.cpu_bytes_per_node == 8 * 2 * math.ceil(shape.n_params / 16)
+                         > int(shape.largest_layer * 4 * 8 * 1.5) for a, _ in zero3)
     assert all(2 * a.cpu_bytes_per_node == b.cpu_bytes_per_node for a, b in zero3)
     # the environment no longer decides: a LOCAL_WORLD_SIZE of this process changes nothing
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")

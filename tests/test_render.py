@@ -5,6 +5,7 @@ nothing written. Running the files is tests/test_k8s_launch.py's and tests/test_
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -510,6 +511,28 @@ def test_every_site_option_reaches_its_file(site_render):
     mpi = k8s_docs(site_render / "k8s" / "mpijob" / "t5_3b.yaml")["MPIJob"]
     worker = mpi["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
     assert worker["tolerations"] == pod["tolerations"] and worker["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_a_zero3_pod_has_room_for_the_partition_deepspeed_stages_on_the_host(tmp_path):
+    """ZeRO-3 without parameter offload copies each rank's 16-bit partition through host memory at optimizer init
+    (planner.zero3_host_staging_bytes; mamba_7b on one H200: 12.9 of the rank's 14.4 GiB RSS): a one-GPU pod's
+    memory limit holds it beside the process's 6 GiB, or the kubelet kills the pod before its first step. With
+    the parameters offloaded there is no staging; the offloaded states are the planner's host bytes instead."""
+    from dsfleet.planner import model_shape
+    n = model_shape("mamba_7b").n_params
+
+    def limit(*flags) -> int:
+        out = tmp_path / "-".join(flags).replace("-", "")
+        assert cli.main(["render", "--preset", "mamba7b", "--target", "k8s", "--nodes", "1", "--gpus-per-node", "1",
+                         "--out", str(out), "--", "--from_scratch", "--bf16", *flags]) == 0
+        pod = k8s_docs(out / "k8s" / "mamba7b.yaml")["Job"]["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        (shm,) = [v["emptyDir"]["sizeLimit"] for v in pod["volumes"] if v["name"] == "shm"]
+        return int(c["resources"]["limits"]["memory"].removesuffix("Gi")) - int(shm.removesuffix("Gi"))
+
+    staged = limit("--zero", "3")
+    assert staged == math.ceil((6 * 2**30 + 2 * n) / 2**30), staged  # 6 GiB + 12.9 GiB
+    assert limit("--zero", "3", "--offload_optimizer", "cpu", "--offload_param", "cpu") >= 18 * n * 1.5 / 2**30
 
 
 def test_every_site_option_passes_the_tools(site_render, tmp_path):

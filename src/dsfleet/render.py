@@ -570,7 +570,8 @@ def _effective_flags(flags: list[str], asked, effective) -> list[str]:
 def _pod_memory_gib(run, source) -> int:
     """A pod's memory limit: the planner's host bytes for offload plus, per rank, the process itself (CUDA
     context, transformers, DeepSpeed: ~6 GiB measured on the H200 runs) and one 16-bit copy of the model while it
-    loads (none under ZeRO-3: partitioned at construction). CPU pods: 2 GiB a rank."""
+    loads — under ZeRO-3 no copy at load (partitioned at construction) but the rank's partition staged through the
+    host at optimizer init (planner.zero3_host_staging_bytes; none with parameter offload). CPU pods: 2 GiB a rank."""
     per_node = run.hardware.gpus_per_node
     if run.hardware.cpu:
         return 2 * per_node
@@ -579,7 +580,10 @@ def _pod_memory_gib(run, source) -> int:
         n_params = models.count_parameters(source.preset, source.seq2seq)
     except Exception:  # a model dir whose config cannot be built on the meta device: the old fixed figure
         return 32 * per_node
-    loading = 0 if run.zero_stage == 3 else 2 * n_params
+    from dsfleet.planner import zero3_host_staging_bytes
+    hw = run.hardware
+    loading = zero3_host_staging_bytes(n_params, 3, run.spec.offload_param, run.spec.precision, per_node, hw.nodes) \
+        // per_node if run.zero_stage == 3 else 2 * n_params
     offload = 0
     if (run.spec.offload_optimizer, run.spec.offload_param) != ("none", "none"):
         from dsfleet import resolve as resolver

@@ -26,7 +26,7 @@ from dsfleet.planner.activations import DEVICE_KERNELS, ActMem, activation_memor
 from dsfleet.planner.candidate import Candidate
 from dsfleet.planner.cli import add_arguments, format_plan, run, summary_rows
 from dsfleet.planner.cost import step_cost
-from dsfleet.planner.memory import estimator_model_states, gpu_memory, offload_host_bytes
+from dsfleet.planner.memory import estimator_model_states, gpu_memory, host_bytes, zero3_host_staging_bytes
 from dsfleet.planner.search import (MICRO_BATCHES, OFFLOADS, PRECISIONS, Plan, candidate_space, check_heavier_stage,
                                     choose_for_spec, evaluate, plan, plan_for_spec, what_would_fit)
 from dsfleet.planner.shape import ModelShape, generic_shape, model_shape, parse_count, shape_for_spec, shape_from_config
@@ -38,7 +38,7 @@ __all__ = [
     "Candidate",
     "add_arguments", "format_plan", "run", "summary_rows",
     "step_cost",
-    "estimator_model_states", "gpu_memory", "offload_host_bytes",
+    "estimator_model_states", "gpu_memory", "host_bytes", "zero3_host_staging_bytes",
     "MICRO_BATCHES", "OFFLOADS", "PRECISIONS", "Plan", "candidate_space", "check_heavier_stage", "choose_for_spec",
     "evaluate", "plan", "plan_for_spec", "what_would_fit",
     "ModelShape", "generic_shape", "model_shape", "parse_count", "shape_for_spec", "shape_from_config",

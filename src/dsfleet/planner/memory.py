@@ -111,20 +111,37 @@ def gpu_memory(shape: ModelShape, c: Candidate, total_gpus: int, act: ActMem, *,
     return ph, buf
 
 
-def offload_host_bytes(shape: ModelShape, c: Candidate, gpus_per_node: int, nodes: int) -> tuple[int, int]:
-    """(CPU bytes per node, NVMe bytes per node). CPU offload: DeepSpeed's estimate (x1.5 buffer factor);
-    NVMe: swap buffers on the host (four fp32 sub-groups per GPU), states on the disk."""
+def zero3_host_staging_bytes(n_params: int, zero_stage: int, offload_param: str, precision: str, gpus_per_node: int,
+                             nodes: int) -> int:
+    """Per node: ZeRO-3 without parameter offload gathers each rank's 16-bit partitions into one flat buffer at
+    optimizer init by way of the host (DeepSpeed 0.19's stage3 `defragment`: every partition copied into one CPU
+    tensor, the device copies freed, the CPU tensor copied back whole), so each rank holds its whole partition in
+    host memory once: p bytes x N / GPUs. mamba_7b on one H200: 12.9 GiB of the rank's measured 14.4 GiB peak RSS
+    (docs/planner.md). ZeRO 0-2 flatten on the GPU when it has room (they fall back to the host only when it has
+    not, which the planner's init phase rules out); with parameter offload the partitions live on the host anyway."""
+    if zero_stage != 3 or offload_param != "none":
+        return 0
+    p = 4 if precision == "fp32" else 2
+    return gpus_per_node * p * math.ceil(n_params / (gpus_per_node * nodes))
+
+
+def host_bytes(shape: ModelShape, c: Candidate, gpus_per_node: int, nodes: int) -> tuple[int, int]:
+    """(CPU bytes per node, NVMe bytes per node) DeepSpeed needs on the host at its peak, the rank processes' own
+    memory (interpreter, libraries, CUDA's host side) not included. CPU offload: DeepSpeed's estimate (x1.5 buffer
+    factor); NVMe: swap buffers on the host (four fp32 sub-groups per GPU), states on the disk; ZeRO-3 without
+    parameter offload: the larger of zero.Init's buffers and the partitions staged at optimizer init."""
     N, g = shape.n_params, gpus_per_node * nodes
     part = math.ceil(N / g)
+    staging = zero3_host_staging_bytes(N, c.zero_stage, c.offload_param, c.precision, gpus_per_node, nodes)
     if c.offload_optimizer == "nvme":
         host = gpus_per_node * 4 * 4 * min(part, SUB_GROUP_SIZE)
         disk = gpus_per_node * (16 * part + (2 * part if c.offload_param == "nvme" else 0))
         if c.offload_param == "cpu":
             host += gpus_per_node * 2 * part
-        return host, disk
+        return max(host, staging), disk
     cpu, _ = estimator_model_states(N, shape.largest_layer, c.zero_stage, gpus_per_node, nodes,
                                     c.offload_optimizer == "cpu", c.offload_param == "cpu")
-    return cpu, 0
+    return max(cpu, staging), 0
 
 
 def fp32_model_states(shape: ModelShape, c: Candidate, g: int) -> int:

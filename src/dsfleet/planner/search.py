@@ -19,7 +19,7 @@ from dsfleet.planner.activations import activation_memory
 from dsfleet.planner.candidate import Candidate
 from dsfleet.planner.cost import step_cost
 from dsfleet.planner.memory import (CONTEXT_BYTES, FRAGMENTATION, estimator_model_states, fp32_model_states,
-                                    gpu_memory, offload_host_bytes, split_model_states)
+                                    gpu_memory, host_bytes, split_model_states)
 from dsfleet.planner.shape import ModelShape, resolve_shape, shape_for_spec
 from dsfleet.planner.sizes import DEFAULT_CPU_MEM, DEFAULT_GPU_MEM, GiB, format_gib
 
@@ -95,9 +95,10 @@ def evaluate(shape: ModelShape, *, zero_stage: int, offload_optimizer: str = "no
              "need": peak + overhead}
     c.model_states_bytes = states
     c.peak_phase, c.phases = peak_phase, phases
-    c.cpu_bytes_per_node, c.nvme_bytes_per_node = offload_host_bytes(shape, c, gpus, nodes)
+    c.cpu_bytes_per_node, c.nvme_bytes_per_node = host_bytes(shape, c, gpus, nodes)
     c.fits_gpu = c.gpu["need"] <= gpu_mem_bytes
-    host_side = c.offload_optimizer != "none" or c.offload_param != "none"
+    # the host is checked where DeepSpeed puts states there: offload, and ZeRO-3's staging of the 16-bit partitions
+    host_side = c.offload_optimizer != "none" or c.offload_param != "none" or c.zero_stage == 3
     c.fits_cpu = not host_side or c.cpu_bytes_per_node <= cpu_mem_bytes
     c.fits = c.fits_gpu and c.fits_cpu
     if not c.fits_gpu:
