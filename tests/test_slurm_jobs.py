@@ -42,7 +42,9 @@ from tests.test_render import OLD_BASH_WAIT
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(420)]
 
-MAX_STEPS = 40
+# the preemption tests signal at step 12 and need the run still going when Slurm's signal reaches the ranks: 28 more
+# steps were 1.4 s on a 2-core box, which a faster CPU or a slow slurmctld round trip could use up
+MAX_STEPS = 100
 SAVE_STEPS = 10
 RTOL = 1e-4  # losses after a resume vs the uninterrupted run, relative
 FLAGS = ["--from_scratch", "--dataset_name", "embedded", "--max_steps", str(MAX_STEPS), "--per_device_train_batch_size",
