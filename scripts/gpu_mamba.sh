@@ -19,9 +19,9 @@
 #   7bckpt  mamba_7b at seq 2048 as `7b`, with a checkpoint at step 20 in the first place with room for it (ZeRO
 #           states, ~12 bytes a parameter: under /tmp, else /dev/shm when the host's free memory holds it too);
 #           the launch killed (SIGKILL) after step MAMBA7B_KILL_AT (32), a relaunch with --resume_from_checkpoint
-#           auto stopped after the same step (or at MAMBA_DEADLINE): steps 21.. must repeat the first launch's. In
-#           /dev/shm the checkpoint is memory already, so the relaunch memory-maps it (torch.load's mmap default,
-#           set by a sitecustomize made here): a loaded second copy (77 GiB) would not fit beside it.
+#           auto stopped after the same step (or at MAMBA_DEADLINE): steps 21.. must repeat the first launch's. The
+#           relaunch memory-maps the checkpoint (dsfleet's checkpoint.loads_memory_mapped, every load): in /dev/shm
+#           a loaded second copy (77 GiB) would not fit beside it.
 #           MAMBA7B_CKPT_ROOT=DIR puts the checkpoint there instead (how the phase was checked on CPU with a
 #           small model standing in for plan_7b's).
 # mamba_7b's runs train at MAMBA7B_LR (1.2e-4, GPT-3 6.7B's peak) after MAMBA7B_WARMUP (5) warmup steps, then
@@ -299,7 +299,7 @@ phase_7b() { run_7b mamba7b 2048; }
 phase_7b4096() { run_7b mamba7b_4096 4096; }
 
 phase_7bckpt() {
-  local kill_at=${MAMBA7B_KILL_AT:-32} need free avail root="" site=$work/mmap_site
+  local kill_at=${MAMBA7B_KILL_AT:-32} need free avail root=""
   plan_7b 2048
   need=$((12 * 6923 * 10**6 + 2**30))  # ZeRO-3 checkpoint: fp32 master + Adam's two moments, a GiB to spare
   free=$(df --output=avail -B1 "$work" | tail -1)
@@ -316,11 +316,6 @@ phase_7bckpt() {
       root=/dev/shm/dsfleet-mamba
     fi
   fi
-  if [ -n "$root" ] && [ "$root" != "$work" ]; then
-    mkdir -p "$site"
-    printf '%s\n' '# gpu_mamba.sh 7bckpt: the checkpoint lives in /dev/shm (memory): load it memory-mapped, not a second copy' \
-      'import torch.utils.serialization' 'torch.utils.serialization.config.load.mmap = True' >"$site/sitecustomize.py"
-  fi
   if [ -z "$root" ]; then
     fail "no room for a mamba_7b checkpoint (~$((need / 2**30)) GiB) under $work or in /dev/shm: 7bckpt not run"
     return 1
@@ -331,12 +326,7 @@ phase_7bckpt() {
   RUN_DIR=$root/mamba7b_ckpt train_until mamba7b_ckpt "$kill_at" -- "${args[@]}"
   du -sh "$root/mamba7b_ckpt/checkpoints/"* 2>/dev/null | sed 's/^/   /'
   find "$root/mamba7b_ckpt/checkpoints/step_20" -type f -printf "   %s bytes  %p\n" 2>/dev/null
-  if [ "$root" = "$work" ]; then
-    RUN_DIR=$root/mamba7b_ckpt train_until mamba7b_ckpt "$kill_at" -- "${args[@]}" --resume_from_checkpoint auto
-  else
-    PYTHONPATH=$site:$PYTHONPATH RUN_DIR=$root/mamba7b_ckpt train_until mamba7b_ckpt "$kill_at" -- "${args[@]}" \
-      --resume_from_checkpoint auto
-  fi
+  RUN_DIR=$root/mamba7b_ckpt train_until mamba7b_ckpt "$kill_at" -- "${args[@]}" --resume_from_checkpoint auto
   grep -q "resumed from .*step_20" "$OUT/mamba7b_ckpt.log" || fail "mamba_7b did not resume from step_20"
   mkdir -p "$work/mamba7b_ckpt"
   cp "$root/mamba7b_ckpt/metrics.jsonl" "$work/mamba7b_ckpt/metrics.jsonl" 2>/dev/null

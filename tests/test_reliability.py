@@ -3,10 +3,12 @@ read-only disk during a save — with real DeepSpeed CPU ranks, a real tmpfs for
 read-only bind mount. The kill -9 lands at a fault-injection point (DSFLEET_FAULT_INJECT) because a
 millisecond-long save cannot be hit reliably from outside; the kill itself is a real SIGKILL."""
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -234,3 +236,43 @@ def test_checkpoint_saves_skip_the_checksum_torch_load_never_reads(tmp_path):
     assert data_crcs(tmp_path / "inside.pt") == [0]
     assert data_crcs(tmp_path / "after.pt") != [0]  # the setting is put back
     assert torch.equal(torch.load(tmp_path / "inside.pt")["w"], state["w"])
+
+
+def test_checkpoint_loads_map_the_files_instead_of_copying_them_into_memory(tmp_path):
+    """checkpoint.load reads DeepSpeed's files memory-mapped: what a resume loads (the module file, the rank's
+    optimizer shard: 77 GiB for mamba_7b's one-GPU ZeRO-3) is file pages the kernel can drop, not anonymous memory
+    that a pod's memory limit kills the requeued pod for. Checked on a checkpoint-sized file as dsfleet saves it
+    (no checksums): the load adds no anonymous memory, a plain load adds the file's size, the values are the same,
+    and a write to the loaded tensor (a CPU rank's optimizer state is that tensor) never reaches the file."""
+    import gc
+    import torch
+    from dsfleet.checkpoint import loads_memory_mapped, saves_without_checksums
+
+    def anon_mib() -> float:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^RssAnon:\s+(\d+) kB", status, re.M).group(1)) / 1024
+
+    size_mib = 256
+    saved = {"exp_avg": torch.randn(size_mib * 2**20 // 4, generator=torch.Generator().manual_seed(0))}
+    with saves_without_checksums():
+        torch.save(saved, tmp_path / "optim_states.pt")
+    probe = saved["exp_avg"][:: 2**16].clone()
+    total = float(saved["exp_avg"].sum(dtype=torch.float64))
+    del saved
+    gc.collect()
+
+    before = anon_mib()
+    with loads_memory_mapped():
+        mapped = torch.load(tmp_path / "optim_states.pt", map_location="cpu", weights_only=False)
+    assert torch.equal(mapped["exp_avg"][:: 2**16], probe)
+    assert float(mapped["exp_avg"].sum(dtype=torch.float64)) == total  # every page read back, no copy made
+    grew_mapped = anon_mib() - before
+    mapped["exp_avg"].mul_(0)  # copy-on-write: private to this process
+    del mapped
+    gc.collect()
+
+    before = anon_mib()
+    copied = torch.load(tmp_path / "optim_states.pt", map_location="cpu", weights_only=False)  # the setting is back
+    grew_copied = anon_mib() - before
+    assert torch.equal(copied["exp_avg"][:: 2**16], probe), "a write to the mapped tensor reached the file"
+    assert grew_mapped < 32 and grew_copied > 0.8 * size_mib, (grew_mapped, grew_copied)
