@@ -433,6 +433,12 @@ import torch
 from dsfleet import fastpath
 if sys.argv[1] == "off":
     fastpath.hide_mamba_kernels()
+try:  # transformers >= 5.25 sends only CUDA inputs to mamba_ssm / causal_conv1d (CPU ones to its PyTorch path):
+    from transformers.integrations import hub_kernels  # the stand-ins take CPU inputs too, as a GPU's kernels would
+    for package in ("mamba_ssm", "causal_conv1d"):
+        hub_kernels._PACKAGE_SUPPORTED_DEVICES[package] = (*hub_kernels._PACKAGE_SUPPORTED_DEVICES[package], "cpu")
+except (ImportError, AttributeError, KeyError):
+    pass  # older transformers call the package's function whatever the device
 problem = fastpath.mamba_kernels_problem()
 from dsfleet.models import build_config, family
 from dsfleet.presets import get_preset
@@ -449,29 +455,44 @@ def test_mamba_kernel_lookup_is_the_one_transformers_makes(tmp_path, choice):
     """Stand-in packages named mamba_ssm and causal_conv1d (no CUDA here) whose mamba_inner_fn records the call
     and returns None, which makes transformers' MambaMixer fall through to its PyTorch path: with them importable,
     mamba_kernels_problem() says the kernels are there and transformers really calls mamba_ssm's function;
-    after hide_mamba_kernels() (`--mamba_kernels off`) both say no, and training still runs."""
+    after hide_mamba_kernels() (`--mamba_kernels off`) both say no, and training still runs. transformers >= 5.25
+    hands the packages CUDA inputs only; the probe adds the CPU to its device table, so the stand-ins stand in for
+    a GPU's kernels (a stand-in: no CUDA here)."""
     import subprocess
     import sys
     pkg = tmp_path / "mamba_ssm" / "ops"
     pkg.mkdir(parents=True)
     (tmp_path / "mamba_ssm" / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    (tmp_path / "mamba_calls.py").write_text("calls = []\n")
     # each stand-in records its call and computes with transformers' own reference function (its __wrapped__);
     # the explicit parameters matter: transformers passes a kernel only the keywords its signature names
+    # (transformers >= 5.25 with the `kernels` package installed wraps each in a module whose forward closes over
+    # transformers' dispatcher, whose __wrapped__ is the reference)
+    (tmp_path / "mamba_calls.py").write_text(
+        "calls = []\n"
+        "def reference(f):\n"
+        "    while True:\n"
+        "        if hasattr(f, '__wrapped__'):\n"
+        "            f = f.__wrapped__\n"
+        "            continue\n"
+        "        cells = getattr(getattr(type(f), 'forward', None), '__closure__', None) or ()\n"
+        "        inner = [c.cell_contents for c in cells if callable(c.cell_contents)]\n"
+        "        if not inner:\n"
+        "            return f\n"
+        "        f = inner[0]\n")
     reference = "from transformers.models.mamba import modeling_mamba as m\n"
     (pkg / "selective_scan_interface.py").write_text(
         "import mamba_calls\n"
         "def mamba_inner_fn(xz, *args, **kwargs):\n    mamba_calls.calls.append('inner')\n    return None\n"
         "def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,\n"
         "                      return_last_state=False):\n    mamba_calls.calls.append('scan')\n    " + reference +
-        "    return m.mamba_selective_scan.__wrapped__(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,\n"
+        "    return mamba_calls.reference(m.mamba_selective_scan)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,\n"
         "        delta_softplus=delta_softplus, return_last_state=return_last_state)\n")
     (tmp_path / "causal_conv1d").mkdir()
     (tmp_path / "causal_conv1d" / "__init__.py").write_text(
         "import mamba_calls\n"
         "def causal_conv1d_fn(x, weight, bias=None, activation=None):\n    mamba_calls.calls.append('conv')\n    "
-        + reference + "    return m.causal_conv1d_fn.__wrapped__(x, weight, bias, activation=activation)\n")
+        + reference + "    return mamba_calls.reference(m.causal_conv1d_fn)(x, weight, bias, activation=activation)\n")
     env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{Path(fastpath.__file__).parents[1]}"}
     proc = subprocess.run([sys.executable, "-c", _FAKE_KERNELS_PROBE, choice], capture_output=True, text=True,
                           env=env, timeout=300)
