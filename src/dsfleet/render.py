@@ -581,9 +581,11 @@ def _pod_memory_gib(run, source) -> int:
     except Exception:  # a model dir whose config cannot be built on the meta device: the old fixed figure
         return 32 * per_node
     from dsfleet.planner import zero3_host_staging_bytes
-    hw = run.hardware
-    loading = zero3_host_staging_bytes(n_params, 3, run.spec.offload_param, run.spec.precision, per_node, hw.nodes) \
-        // per_node if run.zero_stage == 3 else 2 * n_params
+    if run.zero_stage == 3:  # per node: no model loaded whole, the partitions staged at optimizer init instead
+        loading = zero3_host_staging_bytes(n_params, 3, run.spec.offload_param, run.spec.precision, per_node,
+                                           run.hardware.nodes)
+    else:
+        loading = per_node * 2 * n_params
     offload = 0
     if (run.spec.offload_optimizer, run.spec.offload_param) != ("none", "none"):
         from dsfleet import resolve as resolver
@@ -591,7 +593,7 @@ def _pod_memory_gib(run, source) -> int:
         same = [c for c in (pl.candidates if pl is not None else []) if (c.zero_stage, c.offload_optimizer,
                 c.offload_param) == (run.zero_stage, run.spec.offload_optimizer, run.spec.offload_param)]
         offload = max((c.cpu_bytes_per_node for c in same), default=0)
-    return -(-(offload + per_node * (6 * 2**30 + loading)) // 2**30)
+    return -(-(offload + loading + per_node * 6 * 2**30) // 2**30)
 
 
 def _without_all(words: list[str], flags) -> list[str]:
